@@ -1,0 +1,54 @@
+"""Exact likelihood bookkeeping: nats per image, bits per sub-pixel, and split-level sums.
+
+A split's NLL is the sum over its images divided by their number: never a mean of batch means, which
+over-weights an uneven last batch.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def nll_per_image(logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """-log p(x) in nats for each image. logits (B, K, C, H, W), levels (B, C, H, W) ints -> (B,)."""
+    if logits.shape[0] != levels.shape[0] or logits.shape[2:] != levels.shape[1:]:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match images {tuple(levels.shape)}")
+    nll = F.cross_entropy(logits.float(), levels.long(), reduction="none")
+    return nll.flatten(1).sum(1)
+
+
+def bits_per_dim(nats_per_image: torch.Tensor | float, dims_per_image: int) -> torch.Tensor | float:
+    """Nats per image -> bits per sub-pixel (dims = C * H * W)."""
+    return nats_per_image / (dims_per_image * math.log(2))
+
+
+class SplitNLL:
+    """Accumulates per-image NLL by dataset index so that a split's mean counts each image exactly once.
+
+    Indexing by image makes the total independent of batching, and of a distributed sampler that pads a
+    rank with repeated images: a repeated image adds to ``count`` and is averaged back to one value.
+    """
+
+    def __init__(self, num_images: int, device: torch.device | str = "cpu"):
+        self.total = torch.zeros(num_images, dtype=torch.float64, device=device)
+        self.count = torch.zeros(num_images, dtype=torch.float64, device=device)
+
+    def update(self, nll: torch.Tensor, indices: torch.Tensor) -> None:
+        self.total.index_add_(0, indices.to(self.total.device), nll.detach().to(self.total))
+        self.count.index_add_(0, indices.to(self.count.device), torch.ones_like(self.count[: len(indices)]))
+
+    def all_reduce(self, reduce_fn) -> None:
+        """Sum the buffers over processes with ``reduce_fn`` (e.g. Lightning's ``all_reduce(x, "sum")``)."""
+        self.total = reduce_fn(self.total)
+        self.count = reduce_fn(self.count)
+
+    @property
+    def num_seen(self) -> int:
+        return int((self.count > 0).sum())
+
+    def mean(self) -> float:
+        seen = self.count > 0
+        if not seen.any():
+            raise RuntimeError("no images were evaluated")
+        return float((self.total[seen] / self.count[seen]).sum() / seen.sum())

@@ -1,0 +1,46 @@
+"""Gradient check of the autoregressive order, shared by the architecture tests.
+
+For every output sub-pixel (c, i, j) the gradient of its logits w.r.t. the input image is taken; it
+must vanish on every input sub-pixel that is not before it (a later pixel in raster order, the same
+pixel's own or later colours).
+"""
+
+import torch
+
+
+def input_gradients(net, num_channels: int, height: int, width: int, batch: int = 8) -> torch.Tensor:
+    """|d logits[:, :, c, i, j] / d x| summed over batch and levels: (C, H, W, C, H, W), output first."""
+    torch.manual_seed(0)
+    x = torch.rand(batch, num_channels, height, width, dtype=torch.float64, requires_grad=True)
+    logits = net(x)
+    grads = torch.zeros(num_channels, height, width, num_channels, height, width, dtype=torch.float64)
+    for c in range(num_channels):
+        for i in range(height):
+            for j in range(width):
+                (g,) = torch.autograd.grad(logits[:, :, c, i, j].sum(), x, retain_graph=True)
+                grads[c, i, j] = g.abs().sum(0)
+    return grads
+
+
+def allowed_inputs(num_channels: int, height: int, width: int) -> torch.Tensor:
+    """Boolean (C, H, W, C, H, W): True where input (c', i', j') comes before output (c, i, j)."""
+    pixel = torch.arange(height * width).view(height, width)
+    earlier_pixel = pixel[None, :, :, None, None, None] > pixel[None, None, None, None, :, :]
+    same_pixel = pixel[None, :, :, None, None, None] == pixel[None, None, None, None, :, :]
+    colour = torch.arange(num_channels)
+    earlier_colour = colour[:, None, None, None, None, None] > colour[None, None, None, :, None, None]
+    return earlier_pixel | (same_pixel & earlier_colour)
+
+
+def assert_causal(net, num_channels: int, height: int = 5, width: int = 5) -> torch.Tensor:
+    """Assert no gradient flows from the future; returns the gradients for further checks."""
+    grads = input_gradients(net.double(), num_channels, height, width)
+    leaks = (grads > 0) & ~allowed_inputs(num_channels, height, width)
+    assert not leaks.any(), f"future inputs reach outputs at (c, i, j, c', i', j') = {leaks.nonzero()[:5].tolist()}"
+    # Within a pixel, every later colour must actually read the earlier ones (G from R, B from R and G).
+    for c in range(num_channels):
+        for earlier in range(c):
+            assert (grads[c, :, :, earlier].diagonal(dim1=0, dim2=2).diagonal(dim1=0, dim2=1) > 0).all(), (
+                f"colour {c} does not depend on colour {earlier} of the same pixel"
+            )
+    return grads
