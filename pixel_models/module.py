@@ -1,0 +1,143 @@
+"""The LightningModule that trains any network of ``pixel_models`` by negative log-likelihood.
+
+It takes plain values only (numbers, strings, dicts), builds the network inside, and so its
+checkpoints load with ``torch.load(weights_only=True)``. Batches are ``(levels, index)``: integer
+pixel levels (B, C, H, W) in {0..K-1} and each image's index in its split, which lets validation and
+test sum the NLL of every image exactly once (see ``likelihood.SplitNLL``).
+
+Logged: ``train/nll``, ``val/nll`` and ``test/nll`` in nats per image, ``val/bpd`` and ``test/bpd``
+in bits per sub-pixel.
+"""
+
+import math
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pixel_models import build_network
+from pixel_models.likelihood import SplitNLL, bits_per_dim, nll_per_image
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+class AutoregressiveModule(L.LightningModule):
+    def __init__(
+        self,
+        net: dict,
+        num_channels: int,
+        num_levels: int,
+        image_size: int,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+    ):
+        super().__init__()
+        net, optimizer, scheduler = _plain(net), _plain(optimizer), _plain(scheduler)
+        optimizer = optimizer or {"name": "adam", "lr": 1e-3}
+        scheduler = scheduler or {"name": "none"}
+        if optimizer.get("name") not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {optimizer.get('name')!r}; choose one of {sorted(OPTIMIZERS)} "
+                f"(model.optimizer.name)"
+            )
+        if scheduler.get("name") not in ("none", "cosine", "exponential"):
+            raise ValueError(
+                f"unknown scheduler {scheduler.get('name')!r}; choose none, cosine or exponential "
+                f"(model.scheduler.name)"
+            )
+        self.save_hyperparameters(
+            {
+                "net": net,
+                "num_channels": num_channels,
+                "num_levels": num_levels,
+                "image_size": image_size,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+            }
+        )
+        net_kwargs = {k: v for k, v in net.items() if k != "arch"}
+        self.net = build_network(net["arch"], num_channels=num_channels, num_levels=num_levels, **net_kwargs)
+        self.num_channels = num_channels
+        self.num_levels = num_levels
+        self.image_size = image_size
+        self._split_nll: SplitNLL | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images (B, C, H, W) in [0, 1] -> logits (B, K, C, H, W)."""
+        return self.net(x)
+
+    def to_input(self, levels: torch.Tensor) -> torch.Tensor:
+        return levels.float() / (self.num_levels - 1)
+
+    def nll(self, levels: torch.Tensor) -> torch.Tensor:
+        """NLL in nats of each image of a batch of integer levels."""
+        if levels.shape[1] != self.num_channels or tuple(levels.shape[2:]) != (self.image_size,) * 2:
+            raise ValueError(
+                f"the model expects images of shape ({self.num_channels}, {self.image_size}, {self.image_size}), "
+                f"the data gives {tuple(levels.shape[1:])}; set model num_channels/image_size from the data config"
+            )
+        return nll_per_image(self(self.to_input(levels)), levels)
+
+    def training_step(self, batch, batch_idx):
+        levels, _ = batch
+        loss = self.nll(levels).mean()
+        self.log("train/nll", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(levels))
+        return loss
+
+    # Validation and test: per-image sums indexed by dataset position, reduced over processes at the end.
+    def _start_split(self, dataloaders) -> None:
+        loader = dataloaders[0] if isinstance(dataloaders, list) else dataloaders
+        self._split_nll = SplitNLL(len(loader.dataset), device=self.device)
+
+    def _eval_step(self, batch) -> None:
+        levels, index = batch
+        self._split_nll.update(self.nll(levels), index)
+
+    def _end_split(self, stage: str) -> None:
+        split = self._split_nll
+        split.all_reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        if split.num_seen == 0:
+            return
+        nats = split.mean()
+        dims = self.num_channels * self.image_size**2
+        # Values are already reduced over processes: log them as they are on every rank.
+        self.log(f"{stage}/nll", nats, prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/bpd", bits_per_dim(nats, dims), sync_dist=False)
+        self.log(f"{stage}/num_images", float(split.num_seen), sync_dist=False)
+        self._split_nll = None
+
+    def on_validation_epoch_start(self):
+        self._start_split(self.trainer.val_dataloaders)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._end_split("val")
+
+    def on_test_epoch_start(self):
+        self._start_split(self.trainer.test_dataloaders)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self._end_split("test")
+
+    def configure_optimizers(self):
+        opt_cfg = dict(self.hparams.optimizer)
+        optimizer = OPTIMIZERS[opt_cfg.pop("name")](self.parameters(), **opt_cfg)
+        sched_cfg = dict(self.hparams.scheduler)
+        name = sched_cfg.pop("name")
+        if name == "none":
+            return optimizer
+        if name == "cosine":
+            steps = self.trainer.estimated_stepping_batches
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, math.ceil(steps)))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=sched_cfg.get("gamma", 0.99))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
