@@ -1,6 +1,18 @@
-"""Sample images from a trained checkpoint into a PNG grid.
+"""Sample images from a trained checkpoint into a PNG grid, or complete occluded images (Figure 1).
 
-    python sample.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt num_samples=64 output=samples.png
+    python sample.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt num_samples=64
+    python sample.py ckpt_path=<file.ckpt> mode=complete                  # top halves of 4 val images
+    python sample.py ckpt_path=<file.ckpt> mode=complete image=digit.png mask=left_half
+
+mode=generate: ``num_samples`` images from scratch. mode=complete: images from a split of the
+checkpoint's dataset (``split``, ``num_images``; the data module is rebuilt from the checkpoint's
+``data_config``, ``data_dir`` overrides where its files are) or one image file (``image``), of which the
+``mask`` part is kept (top_half, left_half, or a PNG whose white pixels are known) and the rest
+sampled ``completions_per_image`` times. Known pixels are never changed. The grid has one row per
+image: original | occluded (unknown pixels as a grey checkerboard) | completions.
+
+method=cached (default) computes each layer at the new pixel only; method=naive runs the whole network
+for every sub-pixel (the reference, H*W*C times slower to much slower). Both give the same images.
 """
 
 import logging
@@ -9,14 +21,19 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
+from PIL import Image
 from rich.progress import Progress
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
-from pixel_models.checkpoint import load_module
-from pixel_models.sampling import generate
+from pixel_models.checkpoint import CheckpointError, load_checkpoint, load_module
+from pixel_models.sampling import check_method, generate, levels_grid, uniform_noise
 
 log = logging.getLogger("sample")
+
+MODES = ("generate", "complete")
+SPLIT_STAGES = {"train": "fit", "val": "validate", "test": "test"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -27,41 +44,162 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def save_levels(levels: torch.Tensor, path: Path) -> None:
+def save_levels(path: Path, levels: torch.Tensor, **extra: torch.Tensor) -> None:
+    """Integer samples to .pt (a tensor; a dict with ``levels`` when there are extras) or .npz (arrays)."""
+
+    def small(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.uint8 if t.max() < 256 else torch.int16) if t.dtype != torch.bool else t
+
+    arrays = {"levels": small(levels), **{name: small(t) for name, t in extra.items()}}
     if path.suffix == ".pt":
-        torch.save(levels.to(torch.uint8 if levels.max() < 256 else torch.int16), path)
+        torch.save(arrays if extra else arrays["levels"], path)
     elif path.suffix == ".npz":
-        np.savez_compressed(path, levels=levels.numpy())
+        np.savez_compressed(path, **{name: t.numpy() for name, t in arrays.items()})
     else:
         raise ValueError(f"save_levels must end in .pt or .npz, got {path}")
 
 
-def sample(cfg: DictConfig) -> torch.Tensor:
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise ValueError("num_samples and batch_size must be positive")
-    module = load_module(cfg.ckpt_path)
-    device = pick_device(cfg.device)
-    net = module.net.to(device)
-    size, channels, levels_k = module.image_size, module.num_channels, module.num_levels
-    generator = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.rand(cfg.num_samples, channels, size, size, generator=generator)
+# ----------------------------------------------------------------------------------------------------
+# Completion inputs: the images and which of their pixels are known
+
+
+def dataset_images(ckpt_path: str, split: str, num_images: int, data_dir: str | None) -> torch.Tensor:
+    """The first ``num_images`` images (N, C, H, W) of ``split`` of the checkpoint's own dataset."""
+    data_config = load_checkpoint(ckpt_path).get("data_config")
+    if not data_config:
+        raise CheckpointError(
+            f"{ckpt_path} holds no data_config (not written by train.py); pass image=<file.png> instead"
+        )
+    if split not in SPLIT_STAGES:
+        raise ValueError(f"unknown split {split!r}; choose train, val or test")
+    overrides = {}
+    if data_dir is not None:
+        if "data_dir" not in data_config:
+            raise ValueError(f"the checkpoint's dataset ({data_config.get('_target_')}) takes no data_dir")
+        overrides["data_dir"] = data_dir
+    datamodule = instantiate(data_config, **overrides)
+    datamodule.prepare_data()  # fetches missing files, as training did, or says where to put them
+    datamodule.setup(SPLIT_STAGES[split])
+    if split not in datamodule.splits:
+        raise ValueError(f"the checkpoint's dataset has no {split} split here")
+    return datamodule.splits[split][:num_images].long()
+
+
+def file_image(path: str, channels: int, size: int, num_levels: int) -> torch.Tensor:
+    """One image file as levels (1, C, H, W) of the model's K: grey or RGB as the model wants."""
+    if not Path(path).is_file():
+        raise ValueError(f"image file not found: {path}")
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (size, size):
+        raise ValueError(f"{path} is {image.size[0]}x{image.size[1]}; the model takes {size}x{size} images")
+    values = torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0)
+    values = values[None] if channels == 1 else values.permute(2, 0, 1)
+    return (values * (num_levels - 1)).round().long()[None]
+
+
+def known_pixels(mask: str, size: int) -> torch.Tensor:
+    """Bool (H, W), True where a pixel is kept: top_half, left_half, or a PNG (white = known)."""
+    known = torch.zeros(size, size, dtype=torch.bool)
+    if mask == "top_half":
+        known[: size // 2] = True
+    elif mask == "left_half":
+        known[:, : size // 2] = True
+    elif mask.lower().endswith(".png"):
+        if not Path(mask).is_file():
+            raise ValueError(f"mask file not found: {mask}")
+        with Image.open(mask) as image:
+            grey = np.asarray(image.convert("L"))
+        if grey.shape != (size, size):
+            height, width = grey.shape
+            raise ValueError(f"mask {mask} is {width}x{height}; the model's images are {size}x{size}")
+        known = torch.from_numpy(grey >= 128)
+    else:
+        raise ValueError(f"unknown mask {mask!r}; choose top_half, left_half or a .png file (white = known)")
+    return known
+
+
+def occluded(images: torch.Tensor, known: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """Float images in [0, 1] with the unknown pixels drawn as a grey checkerboard."""
+    size = images.shape[-1]
+    checker = 0.35 + 0.3 * ((torch.arange(size)[:, None] + torch.arange(size)[None]) % 2)
+    return torch.where(known, images.float() / (num_levels - 1), checker)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_batches(net, noise, num_levels, cfg, device, known=None, known_mask=None) -> torch.Tensor:
+    """``generate`` over batches of ``cfg.batch_size``, with a progress bar of rows done."""
+    size = noise.shape[-2]
     batches = []
     with Progress() as progress:
-        rows = progress.add_task("rows", total=size * -(-cfg.num_samples // cfg.batch_size))
-        for batch_noise in noise.split(cfg.batch_size):
+        num_batches = -(-len(noise) // cfg.batch_size)
+        rows = progress.add_task(f"{cfg.method} sampling, rows", total=size * num_batches)
+        for start in range(0, len(noise), cfg.batch_size):
+            part = slice(start, start + cfg.batch_size)
             batches.append(
                 generate(
-                    net, batch_noise.to(device), levels_k, cfg.temperature, cfg.method,
+                    net, noise[part].to(device), num_levels, cfg.temperature, cfg.method,
+                    known=None if known is None else known[part],
+                    known_mask=None if known_mask is None else known_mask[part],
                     on_row=lambda i: progress.advance(rows),
                 ).cpu()
             )
-    levels = torch.cat(batches)
+    return torch.cat(batches)
+
+
+def sample(cfg: DictConfig) -> torch.Tensor:
+    """Runs sample.py; returns the sampled levels (N, C, H, W) (completions: all of them, image by image)."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown mode {cfg.mode!r}; choose generate or complete")
+    check_method(cfg.method)
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
+    device = pick_device(cfg.device)
+    module = load_module(cfg.ckpt_path)
+    net = module.net.to(device)
+    size, channels, num_levels = module.image_size, module.num_channels, module.num_levels
     output = Path(cfg.output)
+
+    if cfg.mode == "generate":
+        if cfg.num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {cfg.num_samples}")
+        noise = uniform_noise(cfg.num_samples, channels, size, size, cfg.seed)
+        levels = sample_batches(net, noise, num_levels, cfg, device)
+        grid, extra = levels_grid(levels, num_levels), {}
+    else:
+        if cfg.completions_per_image < 1 or cfg.num_images < 1:
+            raise ValueError("num_images and completions_per_image must be positive")
+        known = known_pixels(str(cfg.mask), size)  # before loading data: a bad mask fails fast
+        if cfg.image is not None:
+            images = file_image(cfg.image, channels, size, num_levels)
+        else:
+            images = dataset_images(cfg.ckpt_path, cfg.split, cfg.num_images, cfg.data_dir)
+        per_image = cfg.completions_per_image
+        known_mask = known.expand(len(images) * per_image, channels, size, size)
+        noise = uniform_noise(len(images) * per_image, channels, size, size, cfg.seed)
+        levels = sample_batches(
+            net, noise, num_levels, cfg, device, images.repeat_interleave(per_image, 0), known_mask
+        )
+        # One row per image: original | occluded | completions.
+        rows = torch.cat(
+            [
+                images.float()[:, None] / (num_levels - 1),
+                occluded(images, known, num_levels)[:, None],
+                levels.float().view(len(images), per_image, channels, size, size) / (num_levels - 1),
+            ],
+            dim=1,
+        )
+        grid = make_grid(rows.flatten(0, 1), nrow=2 + per_image, padding=2, pad_value=1.0)
+        extra = {"originals": images, "known_mask": known}
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_image(levels.float() / (levels_k - 1), output, nrow=int(cfg.num_samples**0.5 + 0.5))
-    log.info(f"{cfg.num_samples} samples written to {output}")
+    save_image(grid, output)
+    log.info(f"{len(levels)} {'samples' if cfg.mode == 'generate' else 'completions'} written to {output}")
     if cfg.save_levels:
-        save_levels(levels, Path(cfg.save_levels))
+        save_levels(Path(cfg.save_levels), levels, **extra)
         log.info(f"integer samples written to {cfg.save_levels}")
     return levels
 

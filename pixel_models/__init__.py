@@ -1,10 +1,14 @@
 """Autoregressive image models after van den Oord et al., *Pixel Recurrent Neural Networks* (2016)."""
 
+from pixel_models.diagonal_bilstm import DiagonalBiLSTM
 from pixel_models.pixelcnn import PixelCNN
+from pixel_models.row_lstm import RowLSTM
 
 # Architecture names as they appear in `conf/model/*.yaml` (`net.arch`).
 NETWORKS = {
     "pixelcnn": PixelCNN,
+    "row_lstm": RowLSTM,
+    "diag_bilstm": DiagonalBiLSTM,
 }
 
 

@@ -5,12 +5,15 @@
   input) and skip connections (every layer's output is summed into the output layers' input);
 - the output layers: ReLU + 1x1 mask-B convolutions, the last giving a K-way softmax's logits for every
   sub-pixel, returned as (B, K, C, H, W).
+
+Cached samplers evaluate the first and the output layers at one pixel at a time: ``FirstLayer.at_position``
+and ``OutputLayers.at_position`` (built on ``masks.ConvAtPosition``).
 """
 
 import torch
 from torch import nn
 
-from pixel_models.masks import MaskedConv2d
+from pixel_models.masks import ConvAtPosition, MaskedConv2d
 
 
 def check_input(x: torch.Tensor, num_channels: int) -> None:
@@ -27,9 +30,41 @@ class FirstLayer(MaskedConv2d):
     def __init__(self, num_channels: int, out_features: int, kernel_size: int = 7):
         super().__init__(num_channels, out_features, kernel_size, "A", num_channels)
 
+    def at_position(self) -> "FirstLayerAtPosition":
+        return FirstLayerAtPosition(self)
+
+
+class FirstLayerAtPosition(ConvAtPosition):
+    """The first layer at one pixel, reading the image being generated (cached sampling).
+
+    Its cache is a zero-padded copy of the image. Each call copies in the rows i - kh//2 .. i that the
+    kernel reads, so the result depends only on the ``x`` passed in, whatever was called before; the
+    copy is a few rows of C maps, cheap next to the layers above.
+    """
+
+    def __init__(self, conv: FirstLayer):
+        super().__init__(conv)
+        self.image: torch.Tensor | None = None
+
+    def features(self, x: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """(B, F_out) features at pixel (i, j) of the image ``x`` (B, C, H, W) generated so far."""
+        batch, _, height, width = x.shape
+        padded = (batch, height + self.pad_top, width + 2 * self.pad_side)
+        if self.image is None or self.image.shape[:3] != padded:
+            self.image = self.new_cache(batch, height, width)
+        first = max(0, i - self.pad_top)
+        self.write_rows(self.image, first, x[:, :, first : i + 1])
+        return self.at(self.image, i, j)
+
 
 class ResidualSkipStack(nn.Module):
-    """Runs ``layers`` (each mapping 2h maps to 2h maps) with switchable residual and skip connections."""
+    """Runs ``layers`` (each mapping 2h maps to 2h maps) with switchable residual and skip connections.
+
+    Residual: a layer's output is added to its input. Skip: every layer's output (learnable through the
+    layer's last 1x1 convolution) is summed into the output layers' input; without skips the output
+    layers read the last layer's result. ``context`` is passed to every layer unchanged (the Diagonal
+    BiLSTM's right-to-left direction reads the image).
+    """
 
     def __init__(self, layers: list[nn.Module], residual: bool = True, skip: bool = True):
         super().__init__()
@@ -37,16 +72,29 @@ class ResidualSkipStack(nn.Module):
         self.residual = residual
         self.skip = skip
 
-    def combine(self, layer_input: torch.Tensor, layer_output: torch.Tensor) -> torch.Tensor:
-        return layer_input + layer_output if self.residual else layer_output
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        skip_sum = 0
+    def forward(self, h: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        skip_sum = torch.zeros_like(h) if self.skip and len(self.layers) else None
         for layer in self.layers:
-            h = self.combine(h, layer(h))
-            if self.skip:
-                skip_sum = skip_sum + h
-        return skip_sum if self.skip else h
+            out = layer(h, *context)
+            h = h + out if self.residual else out
+            if skip_sum is not None:
+                skip_sum = skip_sum + out
+        return h if skip_sum is None else skip_sum
+
+
+def stack_at_position(stack: ResidualSkipStack, h: torch.Tensor, layer_steps, *context) -> torch.Tensor:
+    """``stack.forward`` at one pixel (cached sampling), with the same residual and skip connections.
+
+    ``h``: the stack's input (B, 2h) at the pixel; ``layer_steps``: one callable per layer of the stack,
+    ``step(h, *context) -> (B, 2h)``, giving that layer's output at the pixel.
+    """
+    skip_sum = None
+    for step in layer_steps:
+        out = step(h, *context)
+        h = h + out if stack.residual else out
+        if stack.skip:
+            skip_sum = out if skip_sum is None else skip_sum + out
+    return h if skip_sum is None else skip_sum
 
 
 class OutputLayers(nn.Module):
@@ -69,3 +117,23 @@ class OutputLayers(nn.Module):
         b, _, height, width = h.shape
         # Interleaved groups: feature k * C + c is level k of colour c (see masks.channel_groups).
         return h.view(b, self.num_levels, self.num_colors, height, width)
+
+    def at_position(self) -> "OutputLayersAtPosition":
+        return OutputLayersAtPosition(self)
+
+
+class OutputLayersAtPosition:
+    """The output layers at one pixel (cached sampling): (B, in_features) -> logits (B, K, C).
+
+    1x1 convolutions need no cache: each is one addmm on the pixel's features (``ConvAtPosition``).
+    """
+
+    def __init__(self, output: OutputLayers):
+        self.convs = [conv.at_position() for conv in output.convs]
+        self.num_colors = output.num_colors
+        self.num_levels = output.num_levels
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            h = conv(torch.relu(h))
+        return h.view(len(h), self.num_levels, self.num_colors)

@@ -3,12 +3,15 @@
 A 7x7 mask-A convolution, then residual blocks (Figure 5: ReLU, 1x1 conv 2h->h, ReLU, 3x3 conv h->h,
 ReLU, 1x1 conv h->2h, all mask B, added to the block's input), then ReLU + 1x1 mask-B output layers and
 a K-way softmax per sub-pixel. Fully convolutional, so it runs at any H and W.
+
+``PixelCNN.cached_stepper()`` samples without re-running the whole network for every sub-pixel: see
+``CachedPixelCNNStepper``.
 """
 
 import torch
 from torch import nn
 
-from pixel_models.heads import FirstLayer, OutputLayers, ResidualSkipStack, check_input
+from pixel_models.heads import FirstLayer, OutputLayers, ResidualSkipStack, check_input, stack_at_position
 from pixel_models.masks import MaskedConv2d
 
 
@@ -53,3 +56,61 @@ class PixelCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_channels)
         return self.output(self.stack(self.first(x)))
+
+    def cached_stepper(self) -> "CachedPixelCNNStepper":
+        return CachedPixelCNNStepper(self)
+
+
+class ResidualBlockAtPosition:
+    """A residual block at one pixel; caches the input of its 3x3 convolution (see the stepper below)."""
+
+    def __init__(self, block: ResidualBlock):
+        self.reduce = block.reduce.at_position()
+        self.conv = block.conv.at_position()
+        self.expand = block.expand.at_position()
+        self.cache: torch.Tensor | None = None
+
+    def reset(self, batch: int, height: int, width: int) -> None:
+        self.cache = self.conv.new_cache(batch, height, width)
+
+    def __call__(self, h: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """The block's branch output (B, 2h) at pixel (i, j), from the block's input h (B, 2h) there."""
+        self.conv.write(self.cache, i, j, torch.relu_(self.reduce(torch.relu(h))))
+        return self.expand(torch.relu_(self.conv.at(self.cache, i, j)))
+
+
+class CachedPixelCNNStepper:
+    """Logits of one sub-pixel at a time, computing every layer at that pixel only.
+
+    Cached, per residual block: the input of its 3x3 convolution, relu(reduce(relu(h))), at every pixel
+    done so far (zero padded, channels last: (B, H + 1, W + 2, h), see ``ConvAtPosition``). Every other
+    layer is 1x1 and so needs its input at (i, j) only, which the step computes anyway; the 7x7 first
+    layer reads the image itself. One step computes, at pixel (i, j) only: the first layer; per block the
+    1x1 reduce (written into the block's cache), the 3x3 convolution (reading cache rows i-1..i, which
+    are final: in raster order they hold earlier pixels and (i, j) itself) and the 1x1 expand, combined
+    by the stack's residual and skip connections; then the output layers. A few (B, ~100) x (~100, 2h)
+    matrix products per layer instead of a pass over the whole image.
+
+    Colours: the steps for R, G and B of a pixel each recompute the pixel from scratch and overwrite its
+    cache entries. Colour group g only depends on the colours before g, which are known by step g, so
+    after the last colour's step the cached values at (i, j) are those of the finished image.
+
+    Calls must come in raster order (R, G, B of each pixel, pixels row by row), as ``generate`` makes
+    them; the caches start over at (0, 0, colour 0). The weights are copied when the stepper is made.
+    """
+
+    def __init__(self, net: PixelCNN):
+        self.first = net.first.at_position()
+        self.stack = net.stack
+        self.blocks = [ResidualBlockAtPosition(block) for block in net.stack.layers]
+        self.output = net.output.at_position()
+
+    def logits(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
+        """Logits (B, K) of colour c at pixel (i, j), given the image ``x`` (B, C, H, W) generated so far."""
+        if (i, j, c) == (0, 0, 0):
+            batch, _, height, width = x.shape
+            for block in self.blocks:
+                block.reset(batch, height, width)
+        h = self.first.features(x, i, j)
+        h = stack_at_position(self.stack, h, self.blocks, i, j)
+        return self.output(h)[:, :, c]

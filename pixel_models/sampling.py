@@ -2,22 +2,36 @@
 architecture.
 
 A *stepper* returns the logits of the next sub-pixel given the image generated so far. The naive
-stepper runs the whole network each time (H * W * C passes); cached steppers reuse earlier work.
-Sampling draws each sub-pixel by inverting the CDF at a uniform number fixed in advance, so two
-steppers that compute the same logits give exactly the same images from the same noise.
+stepper runs the whole network each time (H * W * C passes); cached steppers (``net.cached_stepper()``,
+e.g. ``pixelcnn.CachedPixelCNNStepper``) compute each layer at the new pixel only, from caches of the
+layers' earlier outputs. Sampling draws each sub-pixel by inverting the CDF at a uniform number fixed
+in advance, so two steppers that compute the same logits give exactly the same images from the same
+noise. Completion is generation with some sub-pixels given (``known`` / ``known_mask``).
 """
 
+import math
 from collections.abc import Callable
 
 import torch
+from torchvision.utils import make_grid
+
+METHODS = ("cached", "naive")
 
 
 def categorical_from_uniform(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Sample (B,) levels from logits (B, K) at temperature T, using uniform numbers u (B,) in [0, 1)."""
+    """Sample (B,) levels from logits (B, K) at temperature T, using uniform numbers u (B,) in [0, 1).
+
+    The level is the number of CDF values below u, computed in float64 from unnormalised
+    probabilities (cumulative sums compared with u * total). Not ``torch.softmax``: on a (B, K) tensor
+    it opens a parallel region on every call, which costs milliseconds when the CPU is busy.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1)
-    return (cdf < u.double()[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
+    z = logits.double()
+    if temperature != 1.0:
+        z = z / temperature
+    cdf = (z - z.amax(-1, keepdim=True)).exp_().cumsum_(-1)
+    return (cdf < u.double()[:, None] * cdf[:, -1:]).sum(-1).clamp_(max=logits.shape[-1] - 1)
 
 
 class NaiveStepper:
@@ -30,14 +44,31 @@ class NaiveStepper:
         return self.net(x)[:, :, c, i, j]
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; choose cached or naive")
+
+
 def make_stepper(net: torch.nn.Module, method: str):
+    """``method``: cached (the network's ``cached_stepper()``) or naive (the reference)."""
+    check_method(method)
     if method == "naive":
         return NaiveStepper(net)
-    if method == "cached":
-        if not hasattr(net, "cached_stepper"):
-            raise ValueError(f"{type(net).__name__} has no cached sampler; use method=naive")
-        return net.cached_stepper()
-    raise ValueError(f"unknown sampling method {method!r}; choose cached or naive")
+    if not callable(getattr(net, "cached_stepper", None)):
+        raise ValueError(f"{type(net).__name__} has no cached sampler; use method=naive")
+    return net.cached_stepper()
+
+
+def uniform_noise(num: int, channels: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """The uniform numbers (num, C, H, W) that fix ``num`` samples, from their own generator (the global
+    random state is left alone, so sampling during training does not change the training run)."""
+    return torch.rand(num, channels, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def levels_grid(levels: torch.Tensor, num_levels: int, nrow: int | None = None) -> torch.Tensor:
+    """Integer images (N, C, H, W) -> one float grid image (3, H', W') in [0, 1], ``nrow`` per row."""
+    nrow = nrow or math.ceil(math.sqrt(len(levels)))
+    return make_grid(levels.float().cpu() / (num_levels - 1), nrow=nrow, padding=2, pad_value=1.0)
 
 
 @torch.no_grad()
@@ -54,10 +85,19 @@ def generate(
     """Generate images of integer levels (B, C, H, W).
 
     ``noise``: uniform numbers (B, C, H, W), one per sub-pixel, which fix the samples. ``known`` and
-    ``known_mask`` (bool, same shape): sub-pixels taken as given instead of sampled (completion).
-    ``on_row(i)`` is called after each finished row (progress bars).
+    ``known_mask`` (bool, same shape): sub-pixels taken as given instead of sampled (completion); the
+    stepper still sees every step, since cached steppers fill their caches at known pixels too.
+    ``method``: cached or naive (see ``make_stepper``). ``on_row(i)`` is called after each
+    finished row (progress bars). The network should be in eval mode.
     """
     batch, channels, height, width = noise.shape
+    if (known is None) != (known_mask is None):
+        raise ValueError("completion needs both known and known_mask")
+    if known is not None and (known.shape != noise.shape or known_mask.shape != noise.shape):
+        raise ValueError(
+            f"known {tuple(known.shape)} and known_mask {tuple(known_mask.shape)} must have the "
+            f"noise's shape {tuple(noise.shape)}"
+        )
     stepper = make_stepper(net, method)
     levels = torch.zeros(noise.shape, dtype=torch.long, device=noise.device)
     x = torch.zeros(noise.shape, dtype=next(net.parameters()).dtype, device=noise.device)

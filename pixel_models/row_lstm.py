@@ -1,0 +1,242 @@
+"""Row LSTM, as in van den Oord et al., *Pixel Recurrent Neural Networks* (2016), section 3.1.
+
+The image is processed one row at a time, top to bottom, a whole row per step. Each layer is an LSTM
+whose gates for row i are
+
+    [i, f, o, g] = [sigmoid, sigmoid, sigmoid, tanh](K_is * x_i + K_ss * h_{i-1})
+    c_i = f . c_{i-1} + i . g,        h_i = o . tanh(c_i)
+
+with K_is a 1 x k mask-B convolution along row i of the layer input (the pixels to the left and, for
+earlier or equal colour groups, the pixel itself) and K_ss an unmasked k-wide convolution along the
+previous row's hidden state. The context of a pixel is a triangle above it, widening by k // 2 pixels
+per row on each side. A 1x1 mask-B convolution takes the h hidden maps back to the stack's 2h maps.
+
+The network: 7x7 mask-A first layer, ``num_layers`` such layers with residual and skip connections,
+ReLU + 1x1 mask-B output layers giving logits (B, K, C, H, W). Runs at any H and W.
+
+``RowLSTM.cached_stepper()`` samples without re-running the whole network for every sub-pixel: see
+``CachedRowLSTMStepper``.
+"""
+
+import torch
+from torch import nn
+
+from pixel_models.heads import FirstLayer, OutputLayers, ResidualSkipStack, check_input, stack_at_position
+from pixel_models.masks import MaskedConv2d
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class RowLSTMLayer(nn.Module):
+    """One Row LSTM layer: 2h maps in, an LSTM with h hidden maps, 2h maps out (mask-B 1x1)."""
+
+    def __init__(self, hidden: int, num_colors: int, kernel_size: int = 3):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd so the row keeps its width, got {kernel_size}")
+        self.hidden = hidden
+        # out_chunks=4 numbers the colour groups of i, f, o and g separately, so gate feature q of any
+        # gate belongs to the same group as hidden feature q, which it multiplies.
+        self.input_to_state = MaskedConv2d(
+            2 * hidden, 4 * hidden, (1, kernel_size), "B", num_colors, out_chunks=4
+        )
+        # The previous row lies entirely before the current one in raster order, whatever its colour
+        # group, so this convolution needs no mask. No bias: input_to_state already has one.
+        self.state_to_state = nn.Conv1d(hidden, 4 * hidden, kernel_size, padding=kernel_size // 2, bias=False)
+        self.output = MaskedConv2d(hidden, 2 * hidden, 1, "B", num_colors)
+
+    def step(self, gates_in: torch.Tensor, state: State | None) -> State:
+        """Advance one row. ``gates_in``: (B, 4h, W), the input-to-state part for that row;
+        ``state``: (h, c) of the row above, each (B, h, W), or None above the first row."""
+        b, _, width = gates_in.shape
+        if state is None:  # zero state: skip a convolution of zeros
+            gates = gates_in
+        else:
+            gates = gates_in + self.state_to_state(state[0])
+        gates = gates.view(b, 4, self.hidden, width)
+        input_gate, forget_gate, output_gate = torch.sigmoid(gates[:, :3]).unbind(1)
+        candidate = torch.tanh(gates[:, 3])
+        cell = input_gate * candidate if state is None else forget_gate * state[1] + input_gate * candidate
+        return output_gate * torch.tanh(cell), cell
+
+    def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
+        """The LSTM's hidden maps (B, h, H, W) for a layer input x (B, 2h, H, W)."""
+        height = x.shape[2]
+        # All rows' input-to-state in one convolution, laid out row-major so each step reads a
+        # contiguous (B, 4h, W) slice. unbind, not indexing: the backward of H index ops would each
+        # write into a zero tensor the size of the whole map, H times over.
+        gates_in = self.input_to_state(x).permute(2, 0, 1, 3).contiguous().unbind(0)
+        rows: list[torch.Tensor | None] = [None] * height
+        state = None
+        for i in range(height):
+            state = self.step(gates_in[i], state)
+            rows[i] = state[0]
+        return torch.stack(rows, dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden_states(x))
+
+
+class RowLSTM(nn.Module):
+    """``num_layers`` Row LSTM layers of h hidden maps between the first layer and the output layers."""
+
+    def __init__(
+        self,
+        num_channels: int,
+        num_levels: int,
+        hidden: int = 16,
+        num_layers: int = 7,
+        output_hidden: int = 32,
+        num_output_layers: int = 2,
+        residual: bool = True,
+        skip: bool = True,
+        kernel_size: int = 3,
+    ):
+        super().__init__()
+        self.num_channels = num_channels
+        self.num_levels = num_levels
+        self.first = FirstLayer(num_channels, 2 * hidden)
+        self.stack = ResidualSkipStack(
+            [RowLSTMLayer(hidden, num_channels, kernel_size) for _ in range(num_layers)],
+            residual=residual,
+            skip=skip,
+        )
+        self.output = OutputLayers(2 * hidden, output_hidden, num_channels, num_levels, num_output_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.num_channels)
+        return self.output(self.stack(self.first(x)))
+
+    def cached_stepper(self) -> "CachedRowLSTMStepper":
+        return CachedRowLSTMStepper(self)
+
+
+class LSTMGatesAtPixel:
+    """Gate buffer of an LSTM at one pixel, and the LSTM update from it (cached sampling).
+
+    ``values`` (..., 4h) holds the gate pre-activations, laid out [i, f, o, g] like the layers' gates;
+    ``update`` turns them into c = f . c_before + i . g and h = o . tanh(c), written into the given
+    views, as ``RowLSTMLayer.step`` and ``DiagonalBiLSTMLayer.step`` compute them. Six in-place ops and
+    no allocation: the buffer is reused as scratch space, so its values are gone after ``update``.
+    """
+
+    def __init__(self, like: torch.Tensor, *shape: int, hidden: int):
+        self.values = like.new_zeros(*shape, 4 * hidden)
+        self.sigmoid_part = self.values[..., : 3 * hidden]  # i, f, o
+        self.input, self.forget, self.output, self.candidate = self.values.split(hidden, -1)
+
+    def update(self, cell_before: torch.Tensor, cell: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.sigmoid_part.sigmoid_()
+        self.candidate.tanh_()
+        torch.mul(self.forget, cell_before, out=cell)
+        cell.addcmul_(self.input, self.candidate)
+        torch.mul(self.output, torch.tanh(cell, out=self.candidate), out=hidden)
+
+
+class RowState:
+    """A row's LSTM state (cached sampling): ``hidden`` (B, W + 2 * pad, h), zero padded on both sides
+    for the state-to-state convolution, and ``cell`` (B, W, h); ``hidden_at[j]`` and ``cell_at[j]`` are
+    the (B, h) views of column j, made once so that a step indexes a list, not a tensor."""
+
+    def __init__(self, like: torch.Tensor, batch: int, width: int, hidden: int, pad: int):
+        self.hidden = like.new_zeros(batch, width + 2 * pad, hidden)
+        self.cell = like.new_zeros(batch, width, hidden)
+        self.hidden_at = self.hidden.unbind(1)[pad : pad + width]
+        self.cell_at = self.cell.unbind(1)
+
+
+class RowLSTMLayerAtPosition:
+    """A Row LSTM layer at one pixel (cached sampling); keeps the rows it needs (see the stepper below).
+
+    Row buffers, channels last so that a pixel is a contiguous (B, F) slice: ``inputs``, the layer's
+    input along the current row after k//2 zero columns (B, k//2 + W, 2h); ``row`` and ``above``, the
+    LSTM state of the current row and of the finished row above (``RowState``); ``gates_above``
+    (B, W, 4h), the current row's state-to-state term plus the input-to-state bias.
+    """
+
+    def __init__(self, layer: RowLSTMLayer):
+        self.hidden = h = layer.hidden
+        kernel_size = layer.state_to_state.kernel_size[0]
+        self.pad = kernel_size // 2
+        # Input-to-state: only the taps up to the centre (the rest are masked to zero), as one matrix
+        # ordered (tap, feature) like a window of ``inputs``.
+        taps = layer.input_to_state.masked_weight().detach()[:, :, 0, : self.pad + 1]  # (4h, 2h, k//2 + 1)
+        self.input_matrix = taps.permute(2, 1, 0).reshape(-1, 4 * h)
+        self.input_bias = layer.input_to_state.bias.detach().clone()
+        # State-to-state: ordered (feature, tap) like a row's hidden state unfolded into k-wide windows.
+        self.state_matrix = layer.state_to_state.weight.detach().permute(1, 2, 0).reshape(-1, 4 * h)
+        self.output = layer.output.at_position()
+
+    def reset(self, batch: int, width: int) -> None:
+        h, pad, like = self.hidden, self.pad, self.input_bias
+        self.inputs = like.new_zeros(batch, pad + width, 2 * h)
+        self.input_at = self.inputs.unbind(1)[pad:]
+        # Columns j - k//2 .. j of the input, one (B, (k//2 + 1) * 2h) view per j.
+        self.window_at = [self.inputs[:, j : j + pad + 1].view(batch, -1) for j in range(width)]
+        self.row, self.above = RowState(like, batch, width, h, pad), RowState(like, batch, width, h, pad)
+        self.gates_above = like.new_zeros(batch, width, 4 * h)
+        self.gates_above_at = self.gates_above.unbind(1)
+        self.gates = LSTMGatesAtPixel(like, batch, hidden=h)
+
+    def start_row(self) -> None:
+        """Move on to the next row: the current row's state becomes the row above (zero for row 0, after
+        ``reset``); its state-to-state term is computed for the whole new row in one product."""
+        self.row, self.above = self.above, self.row
+        windows = self.above.hidden.unfold(1, 2 * self.pad + 1, 1)  # (B, W, h, k)
+        gates_above = self.gates_above.view(-1, 4 * self.hidden)
+        windows = windows.reshape(len(gates_above), -1)  # (B * W, h * k)
+        torch.addmm(self.input_bias, windows, self.state_matrix, out=gates_above)
+
+    def __call__(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """The layer's output (B, 2h) at column j of the current row, from its input x (B, 2h) there."""
+        self.input_at[j].copy_(x)
+        torch.addmm(self.gates_above_at[j], self.window_at[j], self.input_matrix, out=self.gates.values)
+        hidden = self.row.hidden_at[j]
+        self.gates.update(self.above.cell_at[j], self.row.cell_at[j], hidden)
+        return self.output(hidden)
+
+
+class CachedRowLSTMStepper:
+    """Logits of one sub-pixel at a time, computing each layer at that pixel only.
+
+    Cached, per layer (``RowLSTMLayerAtPosition``): the hidden and cell states of the finished row above
+    and of the current row so far, and the layer's input along the current row. The Row LSTM's state of
+    row i depends on row i - 1's state and row i's input only, so nothing older is kept.
+
+    When row i starts, per layer: the state-to-state term of the whole row, the k-wide convolution of
+    the finished hidden state of row i - 1 (one matrix product of its k-wide windows). One step
+    computes, at pixel (i, j) only: the first layer (7x7, reading the image); per layer the 1 x k
+    input-to-state from the cached input row (columns j - k//2 .. j, the one at j just written: one
+    matrix product that also adds the row's state term), the gates, c and h (stored into the row
+    buffers) and the 1x1 output convolution, combined by the stack's residual and skip connections;
+    then the output layers. About ten small ops per layer instead of a pass over the whole image.
+
+    Colours: the steps for R, G and B of a pixel each recompute the pixel from scratch and overwrite its
+    cache entries. Every map at (i, j) of colour group g depends, at (i, j), only on the colours before g
+    (mask A first, mask B after; the gates are grouped like the hidden state they update, and the state
+    term comes from the finished row above), and those are known by step g; so the logits of colour g
+    are right, and after the last colour's step the cached values at (i, j) are those of the finished
+    image.
+
+    Calls must come in raster order (R, G, B of each pixel, pixels row by row), as ``generate`` makes
+    them; the caches start over at (0, 0, colour 0). The weights are copied when the stepper is made.
+    """
+
+    def __init__(self, net: RowLSTM):
+        self.first = net.first.at_position()
+        self.stack = net.stack
+        self.layers = [RowLSTMLayerAtPosition(layer) for layer in net.stack.layers]
+        self.output = net.output.at_position()
+
+    def logits(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
+        """Logits (B, K) of colour c at pixel (i, j), given the image ``x`` (B, C, H, W) generated so far."""
+        if (i, j, c) == (0, 0, 0):
+            batch, _, _, width = x.shape
+            for layer in self.layers:
+                layer.reset(batch, width)
+        if (j, c) == (0, 0):
+            for layer in self.layers:
+                layer.start_row()
+        h = self.first.features(x, i, j)
+        h = stack_at_position(self.stack, h, self.layers, j)
+        return self.output(h)[:, :, c]
