@@ -65,6 +65,9 @@ class AutoregressiveModule(L.LightningModule):
         self.num_levels = num_levels
         self.image_size = image_size
         self._split_nll: SplitNLL | None = None
+        # The last validation / test result per stage, in float64 (logged metrics are float32):
+        # {"val": {"nll": nats per image, "bpd": bits per sub-pixel, "num_images": int}, ...}
+        self.split_results: dict[str, dict[str, float]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float images (B, C, H, W) in [0, 1] -> logits (B, K, C, H, W)."""
@@ -77,8 +80,9 @@ class AutoregressiveModule(L.LightningModule):
         """NLL in nats of each image of a batch of integer levels."""
         if levels.shape[1] != self.num_channels or tuple(levels.shape[2:]) != (self.image_size,) * 2:
             raise ValueError(
-                f"the model expects images of shape ({self.num_channels}, {self.image_size}, {self.image_size}), "
-                f"the data gives {tuple(levels.shape[1:])}; set model num_channels/image_size from the data config"
+                f"the model expects images of shape ({self.num_channels}, {self.image_size}, "
+                f"{self.image_size}), the data gives {tuple(levels.shape[1:])}; set model "
+                f"num_channels/image_size from the data config"
             )
         return nll_per_image(self(self.to_input(levels)), levels)
 
@@ -104,9 +108,11 @@ class AutoregressiveModule(L.LightningModule):
             return
         nats = split.mean()
         dims = self.num_channels * self.image_size**2
+        bpd = bits_per_dim(nats, dims)
+        self.split_results[stage] = {"nll": nats, "bpd": bpd, "num_images": split.num_seen}
         # Values are already reduced over processes: log them as they are on every rank.
         self.log(f"{stage}/nll", nats, prog_bar=True, sync_dist=False)
-        self.log(f"{stage}/bpd", bits_per_dim(nats, dims), sync_dist=False)
+        self.log(f"{stage}/bpd", bpd, sync_dist=False)
         self.log(f"{stage}/num_images", float(split.num_seen), sync_dist=False)
         self._split_nll = None
 

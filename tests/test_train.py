@@ -17,6 +17,15 @@ MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 OFFLINE_DATA = ["digits"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a shared, busy machine intra-op threads spin against each other: one is much faster here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_cfg(tmp_path, *overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(
@@ -99,3 +108,49 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_module(bad)
     with pytest.raises(ValueError, match="ckpt_path"):
         run_train(make_cfg(tmp_path, "train=false"))
+
+
+def test_trainer_configs_compose(tmp_path):
+    def trainer(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose(config_name="train", overrides=[f"output_dir={tmp_path}", *overrides]).trainer
+
+    for name, expected in (
+        ("cpu", ("cpu", "auto", 1, "32-true")),
+        ("gpu", ("gpu", "auto", 1, "bf16-mixed")),
+        ("ddp", ("gpu", "ddp", "auto", "bf16-mixed")),  # outside SLURM: every visible GPU
+        ("ddp_sim", ("cpu", "ddp", 2, "32-true")),
+    ):
+        t = trainer(f"trainer={name}")
+        assert (t.accelerator, t.strategy, t.devices, t.precision) == expected, name
+    clip = trainer("trainer.gradient_clip_val=1.0")
+    assert (clip.gradient_clip_val, clip.gradient_clip_algorithm) == (1.0, "norm")
+
+
+def test_compile_keeps_checkpoints_loadable(tmp_path, monkeypatch):
+    # compile=true compiles the network in place; the `eager` backend keeps this test fast and compiler-free
+    # (test_compile_with_inductor, marked slow, uses the real one).
+    compiled = []
+    original = torch.nn.Module.compile
+
+    def compile_eagerly(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return original(self, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    run_train(make_cfg(tmp_path, "debug=fast", "compile=true", "final_samples=0", "test=false"))
+    assert compiled == ["PixelCNN"]
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert not any("_orig_mod" in name for name in ckpt["state_dict"])
+
+
+@pytest.mark.slow
+def test_compile_with_inductor(tmp_path):
+    """About 2 minutes on a CPU: inductor compiles C++ kernels."""
+    run_dir = tmp_path / "run"
+    subprocess.run(
+        [sys.executable, "train.py", "debug=fast", "compile=true", "trainer=cpu", "final_samples=0",
+         "test=false", "callbacks.progress_bar=null", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, check=True, capture_output=True, timeout=900,
+    )
+    assert load_module(run_dir / "checkpoints" / "last.ckpt")  # plain parameter names

@@ -1,0 +1,69 @@
+"""Experiment tracking around the loggers: W&B's online/offline choice, the config as hyperparameters, and
+one finished W&B run per job."""
+
+import logging
+import netrc
+import os
+from urllib.parse import urlparse
+
+import lightning as L
+
+log = logging.getLogger("train")
+
+
+def wandb_key_configured() -> bool:
+    """An API key in WANDB_API_KEY or in the netrc file (where ``wandb login`` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        entries = netrc.netrc(os.environ.get("NETRC") or None)
+    except (netrc.NetrcParseError, OSError):
+        return False
+    auth = entries.authenticators(host) if host else None
+    return bool(auth and auth[2])
+
+
+def wandb_offline(requested: bool | None) -> bool:
+    """``logger.wandb.offline``: true / false as given; null (the default): as WANDB_MODE says if it is set,
+    else offline unless an API key is configured, so that a run without one never prompts for a key or
+    waits on the network."""
+    if requested is not None:
+        return bool(requested)
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "dryrun")
+    return not wandb_key_configured()
+
+
+class LogConfig(L.Callback):
+    """Gives every logger the whole resolved run config as hyperparameters, from inside the processes that
+    train (a spawned process gets its loggers fresh: touching them in the parent would break them)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self._logged = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self._logged:
+            return
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config)
+        self._logged = True
+
+
+def finish_wandb(loggers: list, exit_code: int) -> None:
+    """Ends this job's W&B run, so that each job of a sweep has its own, and says how to upload an offline
+    run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger) or logger._experiment is None:
+            continue
+        run = logger._experiment
+        settings = getattr(run, "settings", None)
+        offline = bool(getattr(settings, "_offline", False))
+        sync_dir = getattr(settings, "sync_dir", None)
+        run.finish(exit_code=exit_code)
+        if offline and sync_dir:
+            log.info(f"W&B ran offline; upload this run with:  wandb sync {sync_dir}")
