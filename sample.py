@@ -141,7 +141,11 @@ def sample_batches(net, noise, num_levels, cfg, device, known=None, known_mask=N
             part = slice(start, start + cfg.batch_size)
             batches.append(
                 generate(
-                    net, noise[part].to(device), num_levels, cfg.temperature, cfg.method,
+                    net,
+                    noise[part].to(device),
+                    num_levels,
+                    cfg.temperature,
+                    cfg.method,
                     known=None if known is None else known[part],
                     known_mask=None if known_mask is None else known_mask[part],
                     on_row=lambda i: progress.advance(rows),

@@ -48,11 +48,15 @@ def step_time(module, data_cfg, batch: int, steps: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--cifar-hidden", type=int, default=None, help="h at CIFAR-10 shapes (default: config's)")
+    parser.add_argument(
+        "--cifar-hidden", type=int, default=None, help="h at CIFAR-10 shapes (default: config's)"
+    )
     parser.add_argument("--cifar-output", type=int, default=None, help="output maps at CIFAR-10 shapes")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -69,15 +73,31 @@ def main():
             module, data_cfg = build(model, data, overrides)
             seconds = step_time(module.train(), data_cfg, args.batch, args.steps)
             times[model] = seconds
-            print(json.dumps({
-                "case": f"{model}/{shape}", "batch": args.batch, "hidden": module.hparams.net["hidden"],
-                "layers": module.hparams.net["num_layers"], "step_ms": round(seconds * 1e3, 2),
-                "images_per_s": round(args.batch / seconds, 1), "threads": torch.get_num_threads(),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "case": f"{model}/{shape}",
+                        "batch": args.batch,
+                        "hidden": module.hparams.net["hidden"],
+                        "layers": module.hparams.net["num_layers"],
+                        "step_ms": round(seconds * 1e3, 2),
+                        "images_per_s": round(args.batch / seconds, 1),
+                        "threads": torch.get_num_threads(),
+                    }
+                ),
+                flush=True,
+            )
         base = times.get("pixelcnn")
         if base:
-            print(json.dumps({"case": f"step_time_ratio_vs_pixelcnn/{shape}",
-                              **{m: round(t / base, 2) for m, t in times.items()}}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "case": f"step_time_ratio_vs_pixelcnn/{shape}",
+                        **{m: round(t / base, 2) for m, t in times.items()},
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

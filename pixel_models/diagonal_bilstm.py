@@ -191,8 +191,9 @@ class DiagonalBiLSTMLayerAtPosition:
         self.matrix = torch.cat([left_tap, input_matrix])  # (3h, 4h), rows ordered like a record
         self.output_matrix = layer.output.at_position().matrix  # (h, 2h)
 
-    def bind(self, record: torch.Tensor, cell: torch.Tensor,
-             gates_above: torch.Tensor, output_above: torch.Tensor) -> None:
+    def bind(
+        self, record: torch.Tensor, cell: torch.Tensor, gates_above: torch.Tensor, output_above: torch.Tensor
+    ) -> None:
         """Use these buffers (see the class docstring), and make the per-column views a step reads."""
         h = self.hidden
         self.record_at = record.unbind(1)
@@ -321,8 +322,11 @@ class CachedDiagonalBiLSTMStepper:
         # which costs milliseconds when the CPU is busy.
         for j in reversed(range(width)):
             products = zip(
-                self.r2l_row_gates_at[j].unbind(0), self.r2l_hidden_at[j + 1].unbind(0), self.r2l_right_of,
-                self.r2l_gates_of, strict=True,
+                self.r2l_row_gates_at[j].unbind(0),
+                self.r2l_hidden_at[j + 1].unbind(0),
+                self.r2l_right_of,
+                self.r2l_gates_of,
+                strict=True,
             )
             for row_gates, hidden_right, right, out in products:
                 torch.addmm(row_gates, hidden_right, right, out=out)

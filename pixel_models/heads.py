@@ -100,7 +100,9 @@ def stack_at_position(stack: ResidualSkipStack, h: torch.Tensor, layer_steps, *c
 class OutputLayers(nn.Module):
     """ReLU + 1x1 mask-B convolutions; the last one gives C*K logits, viewed as (B, K, C, H, W)."""
 
-    def __init__(self, in_features: int, hidden_features: int, num_colors: int, num_levels: int, num_layers: int = 2):
+    def __init__(
+        self, in_features: int, hidden_features: int, num_colors: int, num_levels: int, num_layers: int = 2
+    ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_output_layers must be at least 1, got {num_layers}")

@@ -79,7 +79,8 @@ class MaskedConv2d(nn.Conv2d):
         self.mask_type = mask_type
         self.num_colors = num_colors
         self.register_buffer(
-            "mask", causal_mask(out_channels, in_channels, (kh, kw), num_colors, mask_type, out_chunks),
+            "mask",
+            causal_mask(out_channels, in_channels, (kh, kw), num_colors, mask_type, out_chunks),
             persistent=False,
         )
 

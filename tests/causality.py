@@ -36,7 +36,9 @@ def assert_causal(net, num_channels: int, height: int = 5, width: int = 5) -> to
     """Assert no gradient flows from the future; returns the gradients for further checks."""
     grads = input_gradients(net.double(), num_channels, height, width)
     leaks = (grads > 0) & ~allowed_inputs(num_channels, height, width)
-    assert not leaks.any(), f"future inputs reach outputs at (c, i, j, c', i', j') = {leaks.nonzero()[:5].tolist()}"
+    assert not leaks.any(), (
+        f"future inputs reach outputs at (c, i, j, c', i', j') = {leaks.nonzero()[:5].tolist()}"
+    )
     # Within a pixel, every later colour must actually read the earlier ones (G from R, B from R and G).
     for c in range(num_channels):
         for earlier in range(c):

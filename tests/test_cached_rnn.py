@@ -20,16 +20,6 @@ NUM_LEVELS = 4
 SHAPES = [(5, 4), (4, 6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets are tiny and gain nothing from threads; on a busy machine, OpenMP threads waiting for a
-    core make every naive pass up to 100x slower (the whole file: ~10 s with one thread, ~100 s with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_net(arch: str, num_channels: int, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     kwargs = {**SMALL, **overrides}
@@ -169,14 +159,18 @@ def main() -> None:
     steps = 28 * 28
     for arch in ARCHITECTURES:
         torch.manual_seed(0)
-        net = build_network(arch, num_channels=1, num_levels=NUM_LEVELS_MNIST, hidden=16, num_layers=7,
-                            output_hidden=32).eval()
+        net = build_network(
+            arch, num_channels=1, num_levels=NUM_LEVELS_MNIST, hidden=16, num_layers=7, output_hidden=32
+        ).eval()
         seconds_per_step(net, "cached", noise, 1)  # warm-up
         cached = seconds_per_step(net, "cached", noise, 4)
         naive = seconds_per_step(net, "naive", noise, 1)
-        print(f"{arch}: {torch.get_num_threads()} thread(s), batch 16: cached {cached * 1e3:.2f} ms/step, "
-              f"{16 / (cached * steps):.2f} images/s; naive {naive * 1e3:.1f} ms/step, "
-              f"{16 / (naive * steps):.4f} images/s; speedup {naive / cached:.0f}x", flush=True)
+        print(
+            f"{arch}: {torch.get_num_threads()} thread(s), batch 16: cached {cached * 1e3:.2f} ms/step, "
+            f"{16 / (cached * steps):.2f} images/s; naive {naive * 1e3:.1f} ms/step, "
+            f"{16 / (naive * steps):.4f} images/s; speedup {naive / cached:.0f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -10,41 +10,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import ONE_THREAD, ROOT, compose_train
 
 import pixel_models.faults as faults
 from pixel_models.checkpoint import CheckpointError, load_checkpoint, load_module
 from pixel_models.faults import AtomicCheckpointIO, NonFiniteError
 
-ROOT = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_cfg(out, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[
-                f"output_dir={out}",
-                "trainer=cpu",
-                "callbacks.progress_bar=null",
-                "callbacks.sample_grid=null",
-                "+trainer.enable_progress_bar=false",
-                "+trainer.enable_model_summary=false",
-                "final_samples=0",
-                "test=false",
-                "model.net.hidden=8",
-                *overrides,
-            ],
-        )
+    return compose_train(
+        f"output_dir={out}",
+        "trainer=cpu",
+        "callbacks.progress_bar=null",
+        "callbacks.sample_grid=null",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        "final_samples=0",
+        "test=false",
+        "model.net.hidden=8",
+        *overrides,
+    )
 
 
 def run_train(cfg):

@@ -5,19 +5,13 @@ timeouts: Lightning's `ddp` re-runs the command line for its other process, whic
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from hydra import compose, initialize_config_dir
-
 from datamodules.digits import DigitsDataModule
+from tests.helpers import ONE_THREAD, ROOT, compose_train  # tests.: subprocesses import this file
 
-ROOT = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 ODD_DIGITS = "tests.test_ddp.OddDigits"
 
 
@@ -31,30 +25,18 @@ class OddDigits(DigitsDataModule):
         self.splits["test"] = self.splits["test"][:297]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfg(out, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[
-                f"output_dir={out}",
-                "trainer=cpu",
-                "callbacks.progress_bar=null",
-                "callbacks.sample_grid=null",
-                "+trainer.enable_progress_bar=false",
-                "final_samples=0",
-                "model.net.hidden=8",
-                f"data._target_={ODD_DIGITS}",
-                *overrides,
-            ],
-        )
+    return compose_train(
+        f"output_dir={out}",
+        "trainer=cpu",
+        "callbacks.progress_bar=null",
+        "callbacks.sample_grid=null",
+        "+trainer.enable_progress_bar=false",
+        "final_samples=0",
+        "model.net.hidden=8",
+        f"data._target_={ODD_DIGITS}",
+        *overrides,
+    )
 
 
 def run_train(cfg):

@@ -17,9 +17,9 @@ def test_uniform_logits_score_log_k_per_sub_pixel(channels, levels, size):
 
 
 def test_binarized_mnist_uniform_is_784_ln2_nats_and_cifar_is_8_bits():
-    assert float(nll_per_image(torch.zeros(1, 2, 1, 28, 28), torch.zeros(1, 1, 28, 28).long())) == pytest.approx(
-        784 * math.log(2), rel=1e-6
-    )
+    assert float(
+        nll_per_image(torch.zeros(1, 2, 1, 28, 28), torch.zeros(1, 1, 28, 28).long())
+    ) == pytest.approx(784 * math.log(2), rel=1e-6)
     nats = float(nll_per_image(torch.zeros(1, 256, 3, 32, 32), torch.zeros(1, 3, 32, 32).long()))
     assert bits_per_dim(nats, 3 * 32 * 32) == pytest.approx(8.0, rel=1e-6)
 

@@ -2,54 +2,39 @@
 
 import os
 import signal
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose_train
 
 from pixel_models.checkpoint import load_checkpoint
 from pixel_models.resumable import EpochOrder
 
-ROOT = Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 10  # 4 batches per epoch: epochs 0 and 1 whole, then half of epoch 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared, busy machine intra-op threads spin against each other: one is much faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfg(out, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[
-                f"output_dir={out}",
-                "trainer=cpu",
-                "callbacks.progress_bar=null",
-                "callbacks.sample_grid=null",
-                "+trainer.enable_progress_bar=false",
-                "+trainer.enable_model_summary=false",
-                "final_samples=0",
-                "test=false",
-                "model.net.hidden=8",
-                "data.batch_size=16",
-                "trainer.limit_train_batches=4",
-                "trainer.limit_val_batches=1",
-                "trainer.max_epochs=-1",
-                f"trainer.max_steps={TOTAL_STEPS}",
-                # a scheduler that steps per epoch: its state must come back too
-                "model.scheduler.name=exponential",
-                "+model.scheduler.gamma=0.5",
-                *overrides,
-            ],
-        )
+    return compose_train(
+        f"output_dir={out}",
+        "trainer=cpu",
+        "callbacks.progress_bar=null",
+        "callbacks.sample_grid=null",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        "final_samples=0",
+        "test=false",
+        "model.net.hidden=8",
+        "data.batch_size=16",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1",
+        "trainer.max_epochs=-1",
+        f"trainer.max_steps={TOTAL_STEPS}",
+        # a scheduler that steps per epoch: its state must come back too
+        "model.scheduler.name=exponential",
+        "+model.scheduler.gamma=0.5",
+        *overrides,
+    )
 
 
 class Capture(L.Callback):

@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -17,24 +18,10 @@ from PIL import Image
 from pixel_models.callbacks import StoreDataConfig
 from pixel_models.checkpoint import CheckpointError
 from pixel_models.module import AutoregressiveModule
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-from sample import sample  # noqa: E402
+from sample import sample
 
 TINY_NET = {"arch": "pixelcnn", "hidden": 4, "num_layers": 1, "output_hidden": 8}
 SIZE, K = 8, 17  # the bundled digits
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one thread is fastest, and on a busy shared CPU every parallel region of a
-    convolution waits for a free core (seconds over a naive sampling run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def grid_size(rows: int, cols: int, size: int = SIZE) -> tuple[int, int]:
@@ -51,9 +38,16 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     module = AutoregressiveModule(TINY_NET, num_channels=1, num_levels=K, image_size=SIZE)
     trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[StoreDataConfig(data_config)], default_root_dir=folder,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StoreDataConfig(data_config)],
+        default_root_dir=folder,
     )
     trainer.fit(module, datamodule=instantiate(data_config))
     trainer.save_checkpoint(folder / "digits.ckpt")
@@ -111,8 +105,12 @@ def test_complete_image_file_with_mask_file(ckpts, tmp_path):
     mask[:, :3] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     levels = run(
-        ckpts / "digits.ckpt", tmp_path, "mode=complete", f"image={tmp_path / 'photo.png'}",
-        f"mask={tmp_path / 'mask.png'}", "completions_per_image=3",
+        ckpts / "digits.ckpt",
+        tmp_path,
+        "mode=complete",
+        f"image={tmp_path / 'photo.png'}",
+        f"mask={tmp_path / 'mask.png'}",
+        "completions_per_image=3",
     )
     assert png_size(tmp_path / "grid.png") == grid_size(1, 2 + 3)
     grey = np.asarray(Image.fromarray(pixels).convert("L"), dtype=np.float64)
@@ -121,8 +119,14 @@ def test_complete_image_file_with_mask_file(ckpts, tmp_path):
 
 
 def test_complete_rgb_left_half(ckpts, tmp_path):
-    levels = run(ckpts / "rgb.ckpt", tmp_path, "mode=complete", "mask=left_half", "completions_per_image=2",
-                 f"image={_rgb_png(tmp_path)}")
+    levels = run(
+        ckpts / "rgb.ckpt",
+        tmp_path,
+        "mode=complete",
+        "mask=left_half",
+        "completions_per_image=2",
+        f"image={_rgb_png(tmp_path)}",
+    )
     assert levels.shape == (2, 3, 6, 6) and int(levels.max()) < 4
     assert png_size(tmp_path / "grid.png") == grid_size(1, 4, size=6)
 
@@ -165,9 +169,19 @@ def test_checkpoint_and_image_errors(ckpts, tmp_path):
 
 def test_command_line(ckpts, tmp_path):
     result = subprocess.run(
-        [sys.executable, "sample.py", f"ckpt_path={ckpts / 'digits.ckpt'}", "num_samples=2",
-         f"output={tmp_path / 'cli.png'}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "sample.py",
+            f"ckpt_path={ckpts / 'digits.ckpt'}",
+            "num_samples=2",
+            f"output={tmp_path / 'cli.png'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert png_size(tmp_path / "cli.png") == grid_size(1, 2)

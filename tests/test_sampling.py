@@ -26,16 +26,6 @@ ARCHITECTURES = {
 HEIGHT, WIDTH = 6, 5  # not square, so rows and columns cannot be swapped unnoticed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one thread is fastest, and on a busy shared CPU every parallel region of a
-    convolution waits for a free core (seconds over a naive sampling run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_net(arch: str, num_channels: int, num_levels: int = 5, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     kwargs = {**ARCHITECTURES[arch], **overrides}
@@ -145,9 +135,14 @@ def test_sample_grid_writes_png_with_csv_logger(tmp_path):
     levels = torch.randint(0, 4, (8, 1, 6, 6))
     loader = DataLoader(TensorDataset(levels, torch.arange(8)), batch_size=4)
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path), default_root_dir=tmp_path,
-        callbacks=[SampleGrid(every_n_epochs=1, num_samples=4)], enable_progress_bar=False,
-        enable_checkpointing=False, enable_model_summary=False,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        default_root_dir=tmp_path,
+        callbacks=[SampleGrid(every_n_epochs=1, num_samples=4)],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
     )
     module = tiny_module()
     trainer.fit(module, loader)
@@ -171,7 +166,11 @@ def test_sample_grid_gives_wandb_uint8_hwc_and_leaves_rng_and_mode_alone(tmp_pat
     module = tiny_module(image_size=5).train()
     wandb = RecordingWandb()
     trainer = types.SimpleNamespace(
-        current_epoch=1, global_step=7, sanity_checking=False, is_global_zero=True, loggers=[wandb],
+        current_epoch=1,
+        global_step=7,
+        sanity_checking=False,
+        is_global_zero=True,
+        loggers=[wandb],
         default_root_dir=str(tmp_path),
     )
     callback = SampleGrid(every_n_epochs=2, num_samples=3)
@@ -191,7 +190,11 @@ def test_sample_grid_gives_wandb_uint8_hwc_and_leaves_rng_and_mode_alone(tmp_pat
 def test_sample_grid_goes_to_tensorboard(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb", version="")
     trainer = types.SimpleNamespace(
-        current_epoch=0, global_step=3, sanity_checking=False, is_global_zero=True, loggers=[logger],
+        current_epoch=0,
+        global_step=3,
+        sanity_checking=False,
+        is_global_zero=True,
+        loggers=[logger],
         default_root_dir=str(tmp_path),
     )
     SampleGrid(every_n_epochs=1, num_samples=2).on_train_epoch_end(trainer, tiny_module(image_size=4))

@@ -5,29 +5,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from hydra import compose, initialize_config_dir
+from helpers import ONE_THREAD, ROOT, compose_train
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
 from pixel_models.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 QUIET = ["callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", "final_samples=0", "test=false"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def has(module: str) -> bool:
@@ -45,11 +33,6 @@ def train_py(*args, timeout=300):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
-
-
-def compose_train(*overrides, hydra_config=False):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
 def test_multirun_gives_each_job_its_own_directory(tmp_path):

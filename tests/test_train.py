@@ -2,36 +2,23 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import ROOT, compose_train
 from hydra.errors import MissingConfigException
 
 from pixel_models.checkpoint import CheckpointError, load_checkpoint, load_module
 from pixel_models.likelihood import nll_per_image
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 OFFLINE_DATA = ["digits"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared, busy machine intra-op threads spin against each other: one is much faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[f"output_dir={tmp_path}", "trainer.accelerator=cpu", "callbacks.progress_bar=null", *overrides],
-        )
+    return compose_train(
+        f"output_dir={tmp_path}", "trainer.accelerator=cpu", "callbacks.progress_bar=null", *overrides
+    )
 
 
 def run_train(cfg):
@@ -43,7 +30,9 @@ def run_train(cfg):
 @pytest.mark.parametrize("data", OFFLINE_DATA)
 @pytest.mark.parametrize("model", MODELS)
 def test_fast_run_trains_checkpoints_and_samples(tmp_path, model, data):
-    metric = run_train(make_cfg(tmp_path, f"model={model}", f"data={data}", "debug=fast", "model.net.hidden=8"))
+    metric = run_train(
+        make_cfg(tmp_path, f"model={model}", f"data={data}", "debug=fast", "model.net.hidden=8")
+    )
     assert metric is not None and 0 < metric < 1e4
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "samples.png").is_file()
@@ -54,7 +43,9 @@ def test_fast_run_trains_checkpoints_and_samples(tmp_path, model, data):
 def test_validation_nll_is_exact_over_the_whole_split(tmp_path):
     # batch 64 over 300 validation images leaves a last batch of 44: a mean of batch means would differ.
     metric = run_train(
-        make_cfg(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "final_samples=0", "test=false")
+        make_cfg(
+            tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "final_samples=0", "test=false"
+        )
     )
     module = load_module(tmp_path / "checkpoints" / "last.ckpt")
     from datamodules.digits import DigitsDataModule
@@ -71,14 +62,26 @@ def test_command_line_train_then_sample(tmp_path):
     run_dir = tmp_path / "run"
     subprocess.run(
         [sys.executable, "train.py", "debug=fast", f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null"],
-        cwd=ROOT, check=True, capture_output=True, timeout=300,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "samples.png").is_file()
     out = tmp_path / "grid.png"
     subprocess.run(
-        [sys.executable, "sample.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_samples=4",
-         f"output={out}", f"hydra.run.dir={tmp_path / 'sample'}"],
-        cwd=ROOT, check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "sample.py",
+            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+            "num_samples=4",
+            f"output={out}",
+            f"hydra.run.dir={tmp_path / 'sample'}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     assert out.is_file()
 
@@ -112,8 +115,7 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_trainer_configs_compose(tmp_path):
     def trainer(*overrides):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return compose(config_name="train", overrides=[f"output_dir={tmp_path}", *overrides]).trainer
+        return compose_train(f"output_dir={tmp_path}", *overrides).trainer
 
     for name, expected in (
         ("cpu", ("cpu", "auto", 1, "32-true")),
@@ -149,8 +151,20 @@ def test_compile_with_inductor(tmp_path):
     """About 2 minutes on a CPU: inductor compiles C++ kernels."""
     run_dir = tmp_path / "run"
     subprocess.run(
-        [sys.executable, "train.py", "debug=fast", "compile=true", "trainer=cpu", "final_samples=0",
-         "test=false", "callbacks.progress_bar=null", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, check=True, capture_output=True, timeout=900,
+        [
+            sys.executable,
+            "train.py",
+            "debug=fast",
+            "compile=true",
+            "trainer=cpu",
+            "final_samples=0",
+            "test=false",
+            "callbacks.progress_bar=null",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=900,
     )
     assert load_module(run_dir / "checkpoints" / "last.ckpt")  # plain parameter names

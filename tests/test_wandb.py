@@ -1,22 +1,10 @@
 """logger=wandb: without an API key it runs offline (no prompt, no network), one run per train() call."""
 
 import logging
-from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import compose_train
 
 
 @pytest.fixture
@@ -31,19 +19,15 @@ def no_wandb_key(tmp_path, monkeypatch):
 
 
 def make_cfg(out, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[
-                f"output_dir={out}",
-                "trainer=cpu",
-                "callbacks.progress_bar=null",
-                "+trainer.enable_progress_bar=false",
-                "final_samples=0",
-                "model.net.hidden=8",
-                *overrides,
-            ],
-        )
+    return compose_train(
+        f"output_dir={out}",
+        "trainer=cpu",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",
+        "final_samples=0",
+        "model.net.hidden=8",
+        *overrides,
+    )
 
 
 class SeeRun(L.Callback):

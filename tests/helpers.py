@@ -1,0 +1,16 @@
+"""Shared by the tests that run train.py: the repository root, Hydra composition, a one-thread env."""
+
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses: tiny runs gain nothing from a second intra-op thread, and on a busy machine lose a lot.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def compose_train(*overrides: str, hydra_config: bool = False):
+    """conf/train.yaml composed with ``overrides``, as `python train.py <overrides>` would see it."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra_config)
