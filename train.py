@@ -41,7 +41,7 @@ from pixel_models.checkpoint import load_checkpoint, load_module
 from pixel_models.faults import AtomicCheckpointIO, FaultHandling
 from pixel_models.module import AutoregressiveModule
 from pixel_models.resumable import ResumableTrainOrder
-from pixel_models.sampling import generate
+from pixel_models.sampling import generate, levels_grid, uniform_noise
 from pixel_models.tracking import LogConfig, finish_wandb, wandb_offline
 
 log = logging.getLogger("train")
@@ -71,11 +71,8 @@ def instantiate_all(group: DictConfig | None) -> list:
 def write_samples(ckpt_path: str, num_samples: int, output: Path, seed: int) -> None:
     module = load_module(ckpt_path)
     size = module.image_size
-    noise = torch.rand(
-        num_samples, module.num_channels, size, size, generator=torch.Generator().manual_seed(seed)
-    )
-    levels = generate(module.net, noise, module.num_levels)
-    save_image(levels.float() / (module.num_levels - 1), output, nrow=int(num_samples**0.5 + 0.5))
+    noise = uniform_noise(num_samples, module.num_channels, size, size, seed)
+    save_image(levels_grid(generate(module.net, noise, module.num_levels), module.num_levels), output)
     log.info(f"samples written to {output}")
 
 

@@ -17,8 +17,8 @@ A busy machine hurts the naive sampler most (its convolutions run in parallel re
 for a free core); --threads 1 gives steadier numbers on a shared CPU.
 
 Fields: ``*_ms_per_step`` (one sub-pixel for the whole batch), ``*_images_per_s``,
-``cached_rows_timed``, ``naive_steps_timed``, ``naive_extrapolated``. An architecture whose model
-config or cached sampler does not exist yet gets one line saying it was skipped.
+``cached_rows_timed``, ``naive_steps_timed``, ``naive_extrapolated``. An architecture without a model
+config gets one line saying it was skipped.
 
     python benchmarks/sampling.py [--models pixelcnn row_lstm diag_bilstm] [--batches 1 16 64]
 """

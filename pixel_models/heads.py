@@ -19,8 +19,8 @@ from pixel_models.masks import ConvAtPosition, MaskedConv2d
 def check_input(x: torch.Tensor, num_channels: int) -> None:
     if x.dim() != 4 or x.shape[1] != num_channels:
         raise ValueError(
-            f"expected images of shape (B, {num_channels}, H, W) with values in [0, 1], got {tuple(x.shape)}; "
-            f"check that data.num_channels matches the model's num_channels"
+            f"expected images of shape (B, {num_channels}, H, W) with values in [0, 1], "
+            f"got {tuple(x.shape)}; check that data.num_channels matches the model's num_channels"
         )
 
 
