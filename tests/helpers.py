@@ -14,3 +14,15 @@ def compose_train(*overrides: str, hydra_config: bool = False):
     """conf/train.yaml composed with ``overrides``, as `python train.py <overrides>` would see it."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+# A tiny, quiet training run: no progress output, no sampling, a narrow network.
+TINY_RUN = [
+    "trainer=cpu",
+    "callbacks.progress_bar=null",
+    "callbacks.sample_grid=null",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "final_samples=0",
+    "model.net.hidden=8",
+]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_THREAD, ROOT, compose_train
+from helpers import ONE_THREAD, ROOT, TINY_RUN, compose_train
 
 import pixel_models.faults as faults
 from pixel_models.checkpoint import CheckpointError, load_checkpoint, load_module
@@ -20,14 +20,8 @@ from pixel_models.faults import AtomicCheckpointIO, NonFiniteError
 def make_cfg(out, *overrides):
     return compose_train(
         f"output_dir={out}",
-        "trainer=cpu",
-        "callbacks.progress_bar=null",
-        "callbacks.sample_grid=null",
-        "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
-        "final_samples=0",
+        *TINY_RUN,
         "test=false",
-        "model.net.hidden=8",
         *overrides,
     )
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from datamodules.digits import DigitsDataModule
-from tests.helpers import ONE_THREAD, ROOT, compose_train  # tests.: subprocesses import this file
+from tests.helpers import ONE_THREAD, ROOT, TINY_RUN, compose_train  # tests.: subprocesses import this file
 
 ODD_DIGITS = "tests.test_ddp.OddDigits"
 
@@ -28,12 +28,7 @@ class OddDigits(DigitsDataModule):
 def make_cfg(out, *overrides):
     return compose_train(
         f"output_dir={out}",
-        "trainer=cpu",
-        "callbacks.progress_bar=null",
-        "callbacks.sample_grid=null",
-        "+trainer.enable_progress_bar=false",
-        "final_samples=0",
-        "model.net.hidden=8",
+        *TINY_RUN,
         f"data._target_={ODD_DIGITS}",
         *overrides,
     )

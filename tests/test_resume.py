@@ -6,7 +6,7 @@ import signal
 import lightning as L
 import pytest
 import torch
-from helpers import compose_train
+from helpers import TINY_RUN, compose_train
 
 from pixel_models.checkpoint import load_checkpoint
 from pixel_models.resumable import EpochOrder
@@ -17,14 +17,8 @@ TOTAL_STEPS = 10  # 4 batches per epoch: epochs 0 and 1 whole, then half of epoc
 def make_cfg(out, *overrides):
     return compose_train(
         f"output_dir={out}",
-        "trainer=cpu",
-        "callbacks.progress_bar=null",
-        "callbacks.sample_grid=null",
-        "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
-        "final_samples=0",
+        *TINY_RUN,
         "test=false",
-        "model.net.hidden=8",
         "data.batch_size=16",
         "trainer.limit_train_batches=4",
         "trainer.limit_val_batches=1",
