@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_THREAD, ROOT, TINY_RUN, compose_train
+from helpers import ONE_THREAD, ROOT, TINY_RUN, compose_train, run_script
 
 import pixel_models.faults as faults
 from pixel_models.checkpoint import CheckpointError, load_checkpoint, load_module
@@ -163,13 +163,13 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
 
 def test_command_line_evaluation_of_a_checkpoint_carrying_code_fails_clearly(tmp_path):
     ckpt, marker = next(iter(evil_checkpoints(tmp_path).items()))
-    result = subprocess.run(
-        [sys.executable, "train.py", "train=false", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT,
-        env=ONE_THREAD,
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "train.py",
+        "train=false",
+        f"ckpt_path={ckpt}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         timeout=180,
+        check=False,
     )
     assert result.returncode != 0
     assert f"{ckpt} is not a readable pixel-models checkpoint" in result.stderr

@@ -5,12 +5,14 @@ timeouts: Lightning's `ddp` re-runs the command line for its other process, whic
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from datamodules.digits import DigitsDataModule
-from tests.helpers import ONE_THREAD, ROOT, TINY_RUN, compose_train  # tests.: subprocesses import this file
+from tests.helpers import (  # tests.: subprocesses import this file
+    TINY_RUN,
+    compose_train,
+    run_script,
+)
 
 ODD_DIGITS = "tests.test_ddp.OddDigits"
 
@@ -41,24 +43,16 @@ def run_train(cfg):
 
 
 def train_py(run_dir, *args, timeout=240):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "callbacks.progress_bar=null",
-            "callbacks.sample_grid=null",
-            "final_samples=0",
-            "+trainer.enable_progress_bar=false",
-            f"hydra.run.dir={run_dir}",
-            *args,
-        ],
-        cwd=ROOT,
-        env=ONE_THREAD,
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "train.py",
+        "callbacks.progress_bar=null",
+        "callbacks.sample_grid=null",
+        "final_samples=0",
+        "+trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        *args,
         timeout=timeout,
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result, json.loads((Path(run_dir) / "metrics.json").read_text())
 
 

@@ -1,15 +1,12 @@
 """sample.py end to end: generation and completion, both methods, its outputs and its errors."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, run_script
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -168,20 +165,12 @@ def test_checkpoint_and_image_errors(ckpts, tmp_path):
 
 
 def test_command_line(ckpts, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "sample.py",
-            f"ckpt_path={ckpts / 'digits.ckpt'}",
-            "num_samples=2",
-            f"output={tmp_path / 'cli.png'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    run_script(
+        "sample.py",
+        f"ckpt_path={ckpts / 'digits.ckpt'}",
+        "num_samples=2",
+        f"output={tmp_path / 'cli.png'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     assert png_size(tmp_path / "cli.png") == grid_size(1, 2)

@@ -3,12 +3,10 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
-from helpers import ONE_THREAD, ROOT, compose_train
+from helpers import compose_train, run_script
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
@@ -23,16 +21,7 @@ def has(module: str) -> bool:
 
 
 def train_py(*args, timeout=300):
-    result = subprocess.run(
-        [sys.executable, "train.py", *args, *QUIET],
-        cwd=ROOT,
-        env=ONE_THREAD,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
+    return run_script("train.py", *args, *QUIET, timeout=timeout)
 
 
 def test_multirun_gives_each_job_its_own_directory(tmp_path):

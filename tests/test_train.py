@@ -1,11 +1,8 @@
 """train.py end to end on the offline data, and its errors for bad input."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from helpers import ROOT, compose_train
+from helpers import ROOT, compose_train, run_script
 from hydra.errors import MissingConfigException
 
 from pixel_models.checkpoint import CheckpointError, load_checkpoint, load_module
@@ -60,28 +57,15 @@ def test_validation_nll_is_exact_over_the_whole_split(tmp_path):
 
 def test_command_line_train_then_sample(tmp_path):
     run_dir = tmp_path / "run"
-    subprocess.run(
-        [sys.executable, "train.py", "debug=fast", f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script("train.py", "debug=fast", f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null")
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "samples.png").is_file()
     out = tmp_path / "grid.png"
-    subprocess.run(
-        [
-            sys.executable,
-            "sample.py",
-            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-            "num_samples=4",
-            f"output={out}",
-            f"hydra.run.dir={tmp_path / 'sample'}",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=300,
+    run_script(
+        "sample.py",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        "num_samples=4",
+        f"output={out}",
+        f"hydra.run.dir={tmp_path / 'sample'}",
     )
     assert out.is_file()
 
@@ -150,21 +134,15 @@ def test_compile_keeps_checkpoints_loadable(tmp_path, monkeypatch):
 def test_compile_with_inductor(tmp_path):
     """About 2 minutes on a CPU: inductor compiles C++ kernels."""
     run_dir = tmp_path / "run"
-    subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "debug=fast",
-            "compile=true",
-            "trainer=cpu",
-            "final_samples=0",
-            "test=false",
-            "callbacks.progress_bar=null",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
+    run_script(
+        "train.py",
+        "debug=fast",
+        "compile=true",
+        "trainer=cpu",
+        "final_samples=0",
+        "test=false",
+        "callbacks.progress_bar=null",
+        f"hydra.run.dir={run_dir}",
         timeout=900,
     )
     assert load_module(run_dir / "checkpoints" / "last.ckpt")  # plain parameter names
