@@ -27,8 +27,8 @@ from PIL import Image
 from rich.progress import Progress
 from torchvision.utils import make_grid, save_image
 
-from pixel_models.checkpoint import CheckpointError, load_checkpoint, load_module
-from pixel_models.sampling import check_method, generate, levels_grid, uniform_noise
+from pixel_models.sampling.generate import check_method, generate, levels_grid, uniform_noise
+from pixel_models.training.checkpoint import CheckpointError, load_checkpoint, load_module
 
 log = logging.getLogger("sample")
 

@@ -15,34 +15,41 @@ Returns the value of ``optimized_metric`` (best validation NLL) so Hydra sweeper
 writes every final metric to ``<run dir>/metrics.json``.
 """
 
-import json
 import logging
-import math
 import os
 import signal
-import uuid
 import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from pixel_models.callbacks import StoreDataConfig
-from pixel_models.checkpoint import load_checkpoint, load_module
-from pixel_models.faults import AtomicCheckpointIO, FaultHandling
-from pixel_models.module import AutoregressiveModule
-from pixel_models.resumable import ResumableTrainOrder
-from pixel_models.sampling import generate, levels_grid, uniform_noise
-from pixel_models.tracking import LogConfig, finish_wandb, wandb_offline
+from pixel_models.sampling.generate import sample_grid
+from pixel_models.training.builders import build, build_all
+from pixel_models.training.callbacks import StoreDataConfig
+from pixel_models.training.checkpoint import (
+    best_score,
+    check_data_matches,
+    check_resume_matches,
+    load_checkpoint,
+    load_module,
+    module_from_checkpoint,
+)
+from pixel_models.training.faults import AtomicCheckpointIO, FaultHandling
+from pixel_models.training.launching import in_multirun, refuse_relaunching_ddp
+from pixel_models.training.reporting import report
+from pixel_models.training.resumable import ResumableTrainOrder
+from pixel_models.training.tracking import (
+    LogConfig,
+    finish_wandb,
+    make_loggers,
+    restore_wandb_mode,
+    run_config,
+)
 
 log = logging.getLogger("train")
 
@@ -52,149 +59,12 @@ warnings.filterwarnings(
     "ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema"
 )
 
-WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
-ARCHITECTURE_KEYS = ("net", "num_channels", "num_levels", "image_size")
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
 
 
-def build(node: DictConfig, **kwargs):
-    """``instantiate``, but a constructor's own error (a clear one-line message) reaches the user as is."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        raise (err.__cause__ or err) from None
-
-
-def instantiate_all(group: DictConfig | None) -> list:
-    return [build(item) for item in (group or {}).values() if item is not None]
-
-
-def write_samples(ckpt_path: str, num_samples: int, output: Path, seed: int) -> None:
-    module = load_module(ckpt_path)
-    size = module.image_size
-    noise = uniform_noise(num_samples, module.num_channels, size, size, seed)
-    save_image(levels_grid(generate(module.net, noise, module.num_levels), module.num_levels), output)
-    log.info(f"samples written to {output}")
-
-
-# --------------------------------------------------------------------------------------------- launching
-def in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def refuse_relaunching_ddp(trainer: L.Trainer, multirun: bool) -> None:
-    """Plain ``ddp`` starts its other processes by re-running the command line: in a multirun that would be
-    the whole sweep again, once per process. Refused unless a cluster (SLURM, torchrun) started them."""
-    launcher = trainer.strategy.launcher
-    if not (multirun and isinstance(launcher, _SubprocessScriptLauncher)):
-        return
-    if launcher.cluster_environment.creates_processes_externally:
-        return
-    if launcher.num_processes * launcher.num_nodes <= 1:
-        return
-    raise RuntimeError(
-        "trainer.strategy=ddp starts its other processes by re-running this command, which in a multirun "
-        "(-m) would re-run the whole sweep in every process. For a sweep, either submit it to SLURM, where "
-        "SLURM starts one process per GPU (-m hydra/launcher=submitit_slurm trainer=ddp "
-        "hydra.launcher.gpus_per_node=<N>), or start the processes by spawning: trainer.strategy=ddp_spawn."
-    )
-
-
-# ------------------------------------------------------------------------------------------------- W&B
-def make_loggers(group: DictConfig | None) -> list:
-    loggers = []
-    for node in (group or {}).values():
-        if node is None:
-            continue
-        if node.get("_target_") == WANDB_TARGET:
-            offline = wandb_offline(node.get("offline"))
-            online = not offline and os.environ.get("WANDB_MODE") != "disabled"
-            log_model = node.get("log_model", False) if online else False  # artifacts need a server
-            Path(node.save_dir).mkdir(parents=True, exist_ok=True)
-            # A fixed id: processes that start afresh (ddp_spawn's, stage after stage) continue one run.
-            run_id = node.get("id") or node.get("version") or uuid.uuid4().hex[:12]
-            loggers.append(build(node, offline=offline, log_model=log_model, id=run_id))
-        else:
-            loggers.append(build(node))
-    return loggers
-
-
-def run_config(cfg: DictConfig) -> dict:
-    """The whole resolved config, and which option of each config group was chosen."""
-    config = {
-        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-        for key in cfg
-        if key != "hydra"  # present when composed with Hydra's own config (tests): not the run's
-    }
-    if HydraConfig.initialized():
-        config["choices"] = dict(HydraConfig.get().runtime.choices)
-    return config
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def module_from_checkpoint(ckpt: dict) -> AutoregressiveModule:
-    module = AutoregressiveModule(**ckpt["hyper_parameters"])
-    module.load_state_dict(ckpt["state_dict"])
-    return module
-
-
-def check_resume_matches(model: AutoregressiveModule, ckpt: dict, ckpt_path: str) -> None:
-    saved = ckpt["hyper_parameters"]
-    for key in ARCHITECTURE_KEYS:
-        if key in saved and saved[key] != model.hparams[key]:
-            raise ValueError(
-                f"{ckpt_path} was trained with model {key}={saved[key]}, the config gives "
-                f"{model.hparams[key]}: resume with the model settings it was trained with (or evaluate it "
-                f"with train=false)"
-            )
-    if "optimizer_states" not in ckpt or "loops" not in ckpt:
-        raise ValueError(
-            f"{ckpt_path} holds weights only, no training state to resume from: evaluate it with train=false"
-        )
-
-
-def check_data_matches(model: AutoregressiveModule, datamodule, ckpt: dict | None) -> None:
-    for key in ("num_channels", "num_levels", "image_size"):
-        expected, actual = getattr(model, key), getattr(datamodule, key, None)
-        if actual is not None and expected != actual:
-            trained_on = (ckpt or {}).get("data_config", {}).get("_target_")
-            hint = f" (it was trained on {trained_on}: pick that data config)" if trained_on else ""
-            raise ValueError(f"the model has {key}={expected} but the data gives {key}={actual}{hint}")
-
-
-def best_score(checkpointing) -> float | None:
-    """The best monitored value; read back from the best checkpoint where a spawned process found it."""
-    if checkpointing is None:
-        return None
-    if checkpointing.best_model_score is not None:
-        return float(checkpointing.best_model_score)
-    if checkpointing.best_model_path and os.path.isfile(checkpointing.best_model_path):
-        states = load_checkpoint(checkpointing.best_model_path).get("callbacks", {})
-        for key, state in states.items():
-            if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None:
-                return float(state["best_model_score"])
-    return None
-
-
-# ---------------------------------------------------------------------------------------------- report
-def report(metrics: dict, output_dir: str | None, extra: dict) -> None:
-    for stage, name in (("val", "validation"), ("test", "test")):
-        if f"{stage}/nll" in metrics:
-            count = metrics.get(f"{stage}/num_images")
-            over = f" over {int(count)} images" if count is not None else ""
-            log.info(
-                f"{name} NLL: {metrics[f'{stage}/nll']:.6f} nats/image = "
-                f"{metrics.get(f'{stage}/bpd', float('nan')):.6f} bits/dim{over}"
-            )
-    for name in sorted(metrics):
-        log.info(f"{name} = {metrics[name]:.6g}")
-    if output_dir:
-        path = Path(output_dir) / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        clean = {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}
-        path.write_text(json.dumps({**clean, **extra}, indent=2, sort_keys=True) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------- train
 def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:
     # A checkpoint is read first, with weights_only=True: a bad file fails here, clearly, having run nothing.
     ckpt = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path is not None else None
@@ -216,7 +86,7 @@ def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:
 
     faults = FaultHandling()
     callbacks = [
-        *instantiate_all(cfg.get("callbacks")),
+        *build_all(cfg.get("callbacks")),
         StoreDataConfig(cfg.data),
         LogConfig(run_config(cfg)),
         ResumableTrainOrder(cfg.seed),
@@ -242,11 +112,7 @@ def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:
         raise SystemExit(exit_code) from None
     finally:
         finish_wandb(loggers, exit_code)
-        # WandbLogger(offline=True) sets WANDB_MODE for the whole process: undo that for the next job.
-        if wandb_mode_before is None:
-            os.environ.pop("WANDB_MODE", None)
-        else:
-            os.environ["WANDB_MODE"] = wandb_mode_before
+        restore_wandb_mode(wandb_mode_before)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -296,7 +162,12 @@ def run_stages(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt: dic
             metrics.update({f"{stage}/{k}": float(v) for k, v in result.items()})
 
     if cfg.final_samples and best and trainer.is_global_zero:
-        write_samples(best, cfg.final_samples, Path(cfg.output_dir) / "samples.png", cfg.seed)
+        final = load_module(best)
+        _, grid = sample_grid(
+            final.net, cfg.final_samples, final.num_channels, final.image_size, final.num_levels, cfg.seed
+        )
+        save_image(grid, Path(cfg.output_dir) / "samples.png")
+        log.info(f"samples written to {Path(cfg.output_dir) / 'samples.png'}")
 
     if trainer.is_global_zero:
         report(
@@ -310,11 +181,6 @@ def run_stages(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt: dic
             },
         )
     return metrics.get(cfg.optimized_metric)
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from pixel_models.sampling import generate, uniform_noise
+from pixel_models.sampling.generate import generate, uniform_noise
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHAPES = {"mnist_28x28x1_k2": "binarized_mnist", "cifar10_32x32x3_k256": "cifar10"}

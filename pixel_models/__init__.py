@@ -1,19 +1,8 @@
-"""Autoregressive image models after van den Oord et al., *Pixel Recurrent Neural Networks* (2016)."""
+"""Autoregressive image models after van den Oord et al., *Pixel Recurrent Neural Networks* (2016).
 
-from pixel_models.diagonal_bilstm import DiagonalBiLSTM
-from pixel_models.pixelcnn import PixelCNN
-from pixel_models.row_lstm import RowLSTM
-
-# Architecture names as they appear in `conf/model/*.yaml` (`net.arch`).
-NETWORKS = {
-    "pixelcnn": PixelCNN,
-    "row_lstm": RowLSTM,
-    "diag_bilstm": DiagonalBiLSTM,
-}
-
-
-def build_network(arch: str, **kwargs):
-    """Build the network named ``arch`` from plain keyword arguments."""
-    if arch not in NETWORKS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(NETWORKS)} (model.net.arch)")
-    return NETWORKS[arch](**kwargs)
+- ``blocks/``: causal masks, the first and output layers, the residual + skip stack, LSTM helpers;
+- ``architectures/``: one network per file with its cached sampler, and the registry (``ARCHITECTURES``);
+- ``distributions/``: output distributions over the K levels of a sub-pixel (``model.output``);
+- ``sampling/``: generation and completion for every architecture, sample grids;
+- ``training/``: the LightningModule, likelihoods, callbacks, faults, tracking, checkpoints.
+"""

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from pixel_models import build_network
-from pixel_models.sampling import NaiveStepper, generate
+from pixel_models.architectures import build_network
+from pixel_models.sampling.generate import NaiveStepper, generate
 
 ARCHITECTURES = ("row_lstm", "diag_bilstm")
 SMALL = {"hidden": 6, "num_layers": 2, "output_hidden": 12}

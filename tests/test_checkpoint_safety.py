@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import ONE_THREAD, ROOT, TINY_RUN, compose_train, run_script
 
-import pixel_models.faults as faults
-from pixel_models.checkpoint import CheckpointError, load_checkpoint, load_module
-from pixel_models.faults import AtomicCheckpointIO, NonFiniteError
+import pixel_models.training.faults as faults
+from pixel_models.training.checkpoint import CheckpointError, load_checkpoint, load_module
+from pixel_models.training.faults import AtomicCheckpointIO, NonFiniteError
 
 
 def make_cfg(out, *overrides):
@@ -68,7 +68,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
         "trainer.max_epochs=3",
-        "+callbacks.nan._target_=pixel_models.faults.InjectNonFinite",
+        "+callbacks.nan._target_=pixel_models.training.faults.InjectNonFinite",
         "+callbacks.nan.step=3",
     )
     with pytest.raises(NonFiniteError, match=r"training loss is nan at step 3 \(epoch 1, batch 1\)") as err:

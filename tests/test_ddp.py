@@ -94,7 +94,7 @@ def test_two_processes_train_checkpoint_and_test(tmp_path):
     )
     assert metrics["world_size"] == 2 and metrics["global_step"] == 3
     assert metrics["val/num_images"] == metrics["test/num_images"] == 300
-    from pixel_models.checkpoint import load_checkpoint
+    from pixel_models.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3

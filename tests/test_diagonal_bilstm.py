@@ -2,8 +2,8 @@ import pytest
 import torch
 from causality import allowed_inputs, assert_causal
 
-from pixel_models import NETWORKS, DiagonalBiLSTM, build_network
-from pixel_models.diagonal_bilstm import DiagonalBiLSTMLayer, skew, unskew
+from pixel_models.architectures import ARCHITECTURES, build_network
+from pixel_models.architectures.diagonal_bilstm import DiagonalBiLSTM, DiagonalBiLSTMLayer, skew, unskew
 
 
 @pytest.mark.parametrize("n, m", [(1, 1), (1, 4), (4, 1), (3, 4), (4, 2), (5, 5)])
@@ -153,7 +153,7 @@ def test_diagonal_bilstm_runs_at_any_size():
 
 
 def test_diagonal_bilstm_is_registered_and_checks_input():
-    assert NETWORKS["diag_bilstm"] is DiagonalBiLSTM
+    assert ARCHITECTURES["diag_bilstm"] is DiagonalBiLSTM
     net = build_network("diag_bilstm", num_channels=3, num_levels=2, hidden=6, num_layers=1, output_hidden=6)
     with pytest.raises(ValueError, match="num_channels"):
         net(torch.rand(2, 1, 8, 8))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pixel_models.likelihood import SplitNLL, bits_per_dim, nll_per_image
+from pixel_models.training.likelihood import SplitNLL, bits_per_dim, nll_per_image
 
 
 @pytest.mark.parametrize("channels,levels,size", [(1, 2, 28), (3, 256, 32), (1, 17, 8)])

@@ -2,7 +2,7 @@ import pytest
 import torch
 from causality import assert_causal
 
-from pixel_models import PixelCNN
+from pixel_models.architectures.pixelcnn import PixelCNN
 
 
 @pytest.mark.parametrize("num_channels", [1, 3])

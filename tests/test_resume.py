@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import TINY_RUN, compose_train
 
-from pixel_models.checkpoint import load_checkpoint
-from pixel_models.resumable import EpochOrder
+from pixel_models.training.checkpoint import load_checkpoint
+from pixel_models.training.resumable import EpochOrder
 
 TOTAL_STEPS = 10  # 4 batches per epoch: epochs 0 and 1 whole, then half of epoch 2
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from causality import assert_causal
 
-from pixel_models import NETWORKS, RowLSTM, build_network
-from pixel_models.row_lstm import RowLSTMLayer
+from pixel_models.architectures import ARCHITECTURES, build_network
+from pixel_models.architectures.row_lstm import RowLSTM, RowLSTMLayer
 
 
 @pytest.mark.parametrize("num_channels", [1, 3])
@@ -147,7 +147,7 @@ def test_row_lstm_runs_at_any_size():
 
 
 def test_row_lstm_is_registered_and_checks_input():
-    assert NETWORKS["row_lstm"] is RowLSTM
+    assert ARCHITECTURES["row_lstm"] is RowLSTM
     net = build_network("row_lstm", num_channels=3, num_levels=2, hidden=6, num_layers=1, output_hidden=6)
     with pytest.raises(ValueError, match="num_channels"):
         net(torch.rand(2, 1, 8, 8))

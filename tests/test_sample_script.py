@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pixel_models.callbacks import StoreDataConfig
-from pixel_models.checkpoint import CheckpointError
-from pixel_models.module import AutoregressiveModule
+from pixel_models.training.callbacks import StoreDataConfig
+from pixel_models.training.checkpoint import CheckpointError
+from pixel_models.training.module import AutoregressiveModule
 from sample import sample
 
 TINY_NET = {"arch": "pixelcnn", "hidden": 4, "num_layers": 1, "output_hidden": 8}

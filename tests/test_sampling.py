@@ -13,11 +13,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from pixel_models import build_network
-from pixel_models.callbacks import SampleGrid
-from pixel_models.masks import MaskedConv2d
-from pixel_models.module import AutoregressiveModule
-from pixel_models.sampling import NaiveStepper, generate, make_stepper
+from pixel_models.architectures import build_network
+from pixel_models.blocks.masks import MaskedConv2d
+from pixel_models.sampling.generate import NaiveStepper, generate, make_stepper
+from pixel_models.training.callbacks import SampleGrid
+from pixel_models.training.module import AutoregressiveModule
 
 # Small networks of every architecture with a cached stepper; add one entry per new cached stepper.
 ARCHITECTURES = {

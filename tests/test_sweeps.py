@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from pixel_models.checkpoint import load_checkpoint
+from pixel_models.training.checkpoint import load_checkpoint
 
 QUIET = ["callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", "final_samples=0", "test=false"]
 

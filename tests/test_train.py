@@ -5,8 +5,8 @@ import torch
 from helpers import ROOT, compose_train, run_script
 from hydra.errors import MissingConfigException
 
-from pixel_models.checkpoint import CheckpointError, load_checkpoint, load_module
-from pixel_models.likelihood import nll_per_image
+from pixel_models.training.checkpoint import CheckpointError, load_checkpoint, load_module
+from pixel_models.training.likelihood import nll_per_image
 
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 OFFLINE_DATA = ["digits"]

@@ -54,7 +54,7 @@ def test_wandb_without_a_key_runs_offline_and_says_how_to_sync(no_wandb_key, cap
         "test=false",
         "trainer.max_epochs=2",
         # a sample grid every epoch: SampleGrid logs it through the logger, as a uint8 image
-        "+callbacks.sample_grid._target_=pixel_models.callbacks.SampleGrid",
+        "+callbacks.sample_grid._target_=pixel_models.training.callbacks.SampleGrid",
         "+callbacks.sample_grid.every_n_epochs=1",
         "+callbacks.sample_grid.num_samples=4",
     )
@@ -82,7 +82,7 @@ def test_wandb_without_a_key_runs_offline_and_says_how_to_sync(no_wandb_key, cap
 
 
 def test_wandb_mode_follows_the_key_env_and_config(no_wandb_key, monkeypatch):
-    from pixel_models.tracking import wandb_offline
+    from pixel_models.training.tracking import wandb_offline
 
     assert wandb_offline(None) is True  # no key: offline
     assert wandb_offline(False) is False and wandb_offline(True) is True  # as configured

@@ -212,7 +212,8 @@ class FaultHandling(L.Callback):
 class InjectNonFinite(L.Callback):
     """Test hook: turns one weight into NaN when step ``step`` starts, as a diverging run would.
 
-    ``python train.py +callbacks.nan._target_=pixel_models.faults.InjectNonFinite +callbacks.nan.step=3``
+    ``python train.py +callbacks.nan._target_=pixel_models.training.faults.InjectNonFinite \\
+    +callbacks.nan.step=3``
     """
 
     def __init__(self, step: int):

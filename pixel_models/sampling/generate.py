@@ -115,3 +115,27 @@ def generate(
         if on_row is not None:
             on_row(i)
     return levels
+
+
+def sample_grid(
+    net: torch.nn.Module,
+    num_samples: int,
+    num_channels: int,
+    image_size: int,
+    num_levels: int,
+    seed: int,
+    temperature: float = 1.0,
+    method: str = "cached",
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` images sampled from noise fixed by ``seed``, with the network in eval mode (its mode
+    is restored after): the levels (N, C, H, W) and their grid (3, H', W'). train.py's final samples, the
+    sample-grid callback and sample.py all sample through here."""
+    noise = uniform_noise(num_samples, num_channels, image_size, image_size, seed).to(device)
+    was_training = net.training
+    net.eval()
+    try:
+        levels = generate(net, noise, num_levels, temperature, method)
+    finally:
+        net.train(was_training)
+    return levels, levels_grid(levels, num_levels)

@@ -8,7 +8,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
-from pixel_models.sampling import check_method, generate, levels_grid, uniform_noise
+from pixel_models.sampling.generate import check_method, sample_grid
 
 
 class StoreDataConfig(L.Callback):
@@ -61,17 +61,18 @@ class SampleGrid(L.Callback):
 
     def sample(self, pl_module) -> torch.Tensor:
         """The grid (3, H', W'), float in [0, 1], sampled with the module in eval mode."""
-        size = pl_module.image_size
-        noise = uniform_noise(self.num_samples, pl_module.num_channels, size, size, self.seed)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            levels = generate(
-                pl_module.net, noise.to(pl_module.device), pl_module.num_levels, self.temperature, self.method
-            )
-        finally:
-            pl_module.train(was_training)
-        return levels_grid(levels, pl_module.num_levels)
+        _, grid = sample_grid(
+            pl_module.net,
+            self.num_samples,
+            pl_module.num_channels,
+            pl_module.image_size,
+            pl_module.num_levels,
+            self.seed,
+            self.temperature,
+            self.method,
+            pl_module.device,
+        )
+        return grid
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch

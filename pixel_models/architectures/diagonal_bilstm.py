@@ -33,9 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixel_models.heads import FirstLayer, OutputLayers, ResidualSkipStack, check_input, stack_at_position
-from pixel_models.masks import MaskedConv2d
-from pixel_models.row_lstm import LSTMGatesAtPixel
+from pixel_models.blocks.layers import (
+    FirstLayer,
+    OutputLayers,
+    ResidualSkipStack,
+    check_input,
+    stack_at_position,
+)
+from pixel_models.blocks.lstm import LSTMGatesAtPixel
+from pixel_models.blocks.masks import MaskedConv2d
 
 State = tuple[torch.Tensor, torch.Tensor]
 

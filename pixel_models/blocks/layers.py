@@ -13,7 +13,7 @@ and ``OutputLayers.at_position`` (built on ``masks.ConvAtPosition``).
 import torch
 from torch import nn
 
-from pixel_models.masks import ConvAtPosition, MaskedConv2d
+from pixel_models.blocks.masks import ConvAtPosition, MaskedConv2d
 
 
 def check_input(x: torch.Tensor, num_channels: int) -> None:

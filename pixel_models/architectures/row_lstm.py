@@ -21,8 +21,15 @@ ReLU + 1x1 mask-B output layers giving logits (B, K, C, H, W). Runs at any H and
 import torch
 from torch import nn
 
-from pixel_models.heads import FirstLayer, OutputLayers, ResidualSkipStack, check_input, stack_at_position
-from pixel_models.masks import MaskedConv2d
+from pixel_models.blocks.layers import (
+    FirstLayer,
+    OutputLayers,
+    ResidualSkipStack,
+    check_input,
+    stack_at_position,
+)
+from pixel_models.blocks.lstm import LSTMGatesAtPixel
+from pixel_models.blocks.masks import MaskedConv2d
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -109,28 +116,6 @@ class RowLSTM(nn.Module):
 
     def cached_stepper(self) -> "CachedRowLSTMStepper":
         return CachedRowLSTMStepper(self)
-
-
-class LSTMGatesAtPixel:
-    """Gate buffer of an LSTM at one pixel, and the LSTM update from it (cached sampling).
-
-    ``values`` (..., 4h) holds the gate pre-activations, laid out [i, f, o, g] like the layers' gates;
-    ``update`` turns them into c = f . c_before + i . g and h = o . tanh(c), written into the given
-    views, as ``RowLSTMLayer.step`` and ``DiagonalBiLSTMLayer.step`` compute them. Six in-place ops and
-    no allocation: the buffer is reused as scratch space, so its values are gone after ``update``.
-    """
-
-    def __init__(self, like: torch.Tensor, *shape: int, hidden: int):
-        self.values = like.new_zeros(*shape, 4 * hidden)
-        self.sigmoid_part = self.values[..., : 3 * hidden]  # i, f, o
-        self.input, self.forget, self.output, self.candidate = self.values.split(hidden, -1)
-
-    def update(self, cell_before: torch.Tensor, cell: torch.Tensor, hidden: torch.Tensor) -> None:
-        self.sigmoid_part.sigmoid_()
-        self.candidate.tanh_()
-        torch.mul(self.forget, cell_before, out=cell)
-        cell.addcmul_(self.input, self.candidate)
-        torch.mul(self.output, torch.tanh(cell, out=self.candidate), out=hidden)
 
 
 class RowState:

@@ -11,8 +11,14 @@ a K-way softmax per sub-pixel. Fully convolutional, so it runs at any H and W.
 import torch
 from torch import nn
 
-from pixel_models.heads import FirstLayer, OutputLayers, ResidualSkipStack, check_input, stack_at_position
-from pixel_models.masks import MaskedConv2d
+from pixel_models.blocks.layers import (
+    FirstLayer,
+    OutputLayers,
+    ResidualSkipStack,
+    check_input,
+    stack_at_position,
+)
+from pixel_models.blocks.masks import MaskedConv2d
 
 
 class ResidualBlock(nn.Module):

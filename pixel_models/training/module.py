@@ -15,8 +15,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pixel_models import build_network
-from pixel_models.likelihood import SplitNLL, bits_per_dim, nll_per_image
+from pixel_models.architectures import build_network
+from pixel_models.training.likelihood import SplitNLL, bits_per_dim, nll_per_image
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
 

@@ -4,11 +4,19 @@ one finished W&B run per job."""
 import logging
 import netrc
 import os
+import uuid
+from pathlib import Path
 from urllib.parse import urlparse
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from pixel_models.training.builders import build
 
 log = logging.getLogger("train")
+
+WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
 
 
 def wandb_key_configured() -> bool:
@@ -67,3 +75,41 @@ def finish_wandb(loggers: list, exit_code: int) -> None:
         run.finish(exit_code=exit_code)
         if offline and sync_dir:
             log.info(f"W&B ran offline; upload this run with:  wandb sync {sync_dir}")
+
+
+def make_loggers(group: DictConfig | None) -> list:
+    loggers = []
+    for node in (group or {}).values():
+        if node is None:
+            continue
+        if node.get("_target_") == WANDB_TARGET:
+            offline = wandb_offline(node.get("offline"))
+            online = not offline and os.environ.get("WANDB_MODE") != "disabled"
+            log_model = node.get("log_model", False) if online else False  # artifacts need a server
+            Path(node.save_dir).mkdir(parents=True, exist_ok=True)
+            # A fixed id: processes that start afresh (ddp_spawn's, stage after stage) continue one run.
+            run_id = node.get("id") or node.get("version") or uuid.uuid4().hex[:12]
+            loggers.append(build(node, offline=offline, log_model=log_model, id=run_id))
+        else:
+            loggers.append(build(node))
+    return loggers
+
+
+def run_config(cfg: DictConfig) -> dict:
+    """The whole resolved config, and which option of each config group was chosen."""
+    config = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"  # present when composed with Hydra's own config (tests): not the run's
+    }
+    if HydraConfig.initialized():
+        config["choices"] = dict(HydraConfig.get().runtime.choices)
+    return config
+
+
+def restore_wandb_mode(before: str | None) -> None:
+    """WandbLogger(offline=True) sets WANDB_MODE for the whole process: undo that for the next job."""
+    if before is None:
+        os.environ.pop("WANDB_MODE", None)
+    else:
+        os.environ["WANDB_MODE"] = before

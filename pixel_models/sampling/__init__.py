@@ -1,0 +1,1 @@
+"""Sampling and completion: one generation loop over sub-pixels for every architecture, and sample grids."""
