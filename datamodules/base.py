@@ -1,7 +1,8 @@
-"""What every data module shares: declared facts, the (levels, index) batches, and atomic downloads.
+"""What every data module shares: declared facts, the dict batches, and atomic downloads.
 
-Each split is held whole in memory as a uint8 tensor (N, C, H, W) of levels in {0..K-1}; a batch is
-``(levels, index)`` with ``index`` the int64 position of each image within its split.
+Each split is held whole in memory as a uint8 tensor (N, C, H, W) of levels in {0..K-1}. A batch is a dict:
+``levels`` (B, C, H, W) uint8, ``index`` (B,) int64, the position of each image within its split, and, for
+data with classes, ``label`` (B,) int64 in {0..num_classes-1}.
 """
 
 import os
@@ -15,16 +16,23 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class IndexedImages(Dataset):
-    """Item i is (levels[i], i): the index lets the model sum exact per-image NLL over a split."""
+    """Item i is ``{"levels": levels[i], "index": i}`` (and ``"label": labels[i]`` when there are labels): the
+    index lets the model sum exact per-image NLL over a split."""
 
-    def __init__(self, levels: torch.Tensor):
+    def __init__(self, levels: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is not None and len(labels) != len(levels):
+            raise ValueError(f"{len(labels)} labels for {len(levels)} images")
         self.levels = levels
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.levels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.levels[i], i
+    def __getitem__(self, i: int) -> dict:
+        item = {"levels": self.levels[i], "index": i}
+        if self.labels is not None:
+            item["label"] = int(self.labels[i])
+        return item
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -59,6 +67,10 @@ class ImageDataModule(L.LightningDataModule):
         self.num_levels = num_levels
         self.image_size = image_size
         self.splits: dict[str, torch.Tensor] = {}
+        # Per split, the class of each image (int64 (N,)), for data with classes (``num_classes`` > 0).
+        self.labels: dict[str, torch.Tensor] = {}
+
+    num_classes = 0  # data with classes sets it (and fills ``self.labels``)
 
     def has_test_split(self) -> bool:
         return True
@@ -82,7 +94,7 @@ class ImageDataModule(L.LightningDataModule):
         if split not in self.splits:
             raise RuntimeError(f"{self.name}: the {split} split is not loaded; call setup() first")
         return DataLoader(
-            IndexedImages(self.splits[split]),
+            IndexedImages(self.splits[split], self.labels.get(split)),
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=False,

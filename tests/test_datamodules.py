@@ -30,8 +30,9 @@ def tree(root) -> list[str]:
 
 
 def collect(loader):
-    levels, index = zip(*loader, strict=True)
-    return torch.cat(levels), torch.cat(index), [len(i) for i in index]
+    batches = list(loader)
+    index = [b["index"] for b in batches]
+    return torch.cat([b["levels"] for b in batches]), torch.cat(index), [len(i) for i in index]
 
 
 # ---------------------------------------------------------------- digits
@@ -46,11 +47,12 @@ def test_digits_splits_batches_and_order():
     assert dm.has_test_split()
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 1197, "val": 300, "test": 300}
 
-    levels, index = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    levels, index = batch["levels"], batch["index"]
     assert levels.shape == (64, 1, 8, 8) and levels.dtype == torch.uint8
     assert index.dtype == torch.int64
     assert not torch.equal(index, torch.arange(64)), "train must shuffle"
-    all_train = torch.cat([x for x, _ in dm.train_dataloader()])
+    all_train = torch.cat([b["levels"] for b in dm.train_dataloader()])
     assert int(all_train.min()) == 0 and int(all_train.max()) == 16
 
     for loader in (dm.val_dataloader(), dm.test_dataloader()):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from datamodules.base import IndexedImages
 from pixel_models.architectures import build_network
 from pixel_models.blocks.masks import MaskedConv2d
 from pixel_models.sampling.generate import NaiveStepper, generate, make_stepper
@@ -133,7 +134,7 @@ def tiny_module(image_size: int = 6) -> AutoregressiveModule:
 
 def test_sample_grid_writes_png_with_csv_logger(tmp_path):
     levels = torch.randint(0, 4, (8, 1, 6, 6))
-    loader = DataLoader(TensorDataset(levels, torch.arange(8)), batch_size=4)
+    loader = DataLoader(IndexedImages(levels), batch_size=4)
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",

@@ -1,9 +1,9 @@
 """The LightningModule that trains any network of ``pixel_models`` by negative log-likelihood.
 
 It takes plain values only (numbers, strings, dicts), builds the network inside, and so its
-checkpoints load with ``torch.load(weights_only=True)``. Batches are ``(levels, index)``: integer
-pixel levels (B, C, H, W) in {0..K-1} and each image's index in its split, which lets validation and
-test sum the NLL of every image exactly once (see ``likelihood.SplitNLL``).
+checkpoints load with ``torch.load(weights_only=True)``. Batches are dicts: ``levels``, integer pixel
+levels (B, C, H, W) in {0..K-1}; ``index``, each image's index in its split, which lets validation and
+test sum the NLL of every image exactly once (see ``likelihood.SplitNLL``); optionally ``label``.
 
 Logged: ``train/nll``, ``val/nll`` and ``test/nll`` in nats per image, ``val/bpd`` and ``test/bpd``
 in bits per sub-pixel.
@@ -87,7 +87,7 @@ class AutoregressiveModule(L.LightningModule):
         return nll_per_image(self(self.to_input(levels)), levels)
 
     def training_step(self, batch, batch_idx):
-        levels, _ = batch
+        levels = batch["levels"]
         loss = self.nll(levels).mean()
         self.log("train/nll", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(levels))
         return loss
@@ -98,7 +98,7 @@ class AutoregressiveModule(L.LightningModule):
         self._split_nll = SplitNLL(len(loader.dataset), device=self.device)
 
     def _eval_step(self, batch) -> None:
-        levels, index = batch
+        levels, index = batch["levels"], batch["index"]
         self._split_nll.update(self.nll(levels), index)
 
     def _end_split(self, stage: str) -> None:
