@@ -48,12 +48,13 @@ class StopAfterPasses(torch.nn.Module):
     def __init__(self, net: torch.nn.Module, passes: int):
         super().__init__()
         self.net, self.passes = net, passes
+        self.distribution = net.distribution
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         if self.passes == 0:
             raise StopSampling
         self.passes -= 1
-        return self.net(x)
+        return self.net(x, label)
 
 
 def build(model: str, data: str, overrides: list[str]):

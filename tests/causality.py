@@ -8,11 +8,18 @@ pixel's own or later colours).
 import torch
 
 
+def logits_of(net, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    """The (B, K, C, H, W) logits of the contract: a LightningModule gives them, a network gives its output
+    distribution's parameters, turned into them by ``net.distribution.log_probs``."""
+    out = net(x) if label is None else net(x, label)
+    return out if out.dim() == 5 else net.distribution.log_probs(out, x)
+
+
 def input_gradients(net, num_channels: int, height: int, width: int, batch: int = 8) -> torch.Tensor:
     """|d logits[:, :, c, i, j] / d x| summed over batch and levels: (C, H, W, C, H, W), output first."""
     torch.manual_seed(0)
     x = torch.rand(batch, num_channels, height, width, dtype=torch.float64, requires_grad=True)
-    logits = net(x)
+    logits = logits_of(net, x)
     grads = torch.zeros(num_channels, height, width, num_channels, height, width, dtype=torch.float64)
     for c in range(num_channels):
         for i in range(height):

@@ -23,7 +23,9 @@ the state of row i - 1 may hold all of row i - 1. With it one layer covers every
 complete context the paper claims for the Diagonal BiLSTM.
 
 The network: 7x7 mask-A first layer, ``num_layers`` such layers with residual and skip connections,
-ReLU + 1x1 mask-B output layers giving logits (B, K, C, H, W). Runs at any H and W.
+ReLU + 1x1 mask-B output layers giving the output distribution's parameters (B, P, H, W) (``distributions``).
+Runs at any H and W. Conditional (``num_classes`` > 0): a learned per-class bias on the first layer's output
+and on both directions' gates in every layer (``blocks.conditioning``).
 
 ``DiagonalBiLSTM.cached_stepper()`` samples without re-running the whole network for every
 sub-pixel: see ``CachedDiagonalBiLSTMStepper``.
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pixel_models.blocks.conditioning import class_bias, class_index
 from pixel_models.blocks.layers import (
     FirstLayer,
     OutputLayers,
@@ -42,6 +45,7 @@ from pixel_models.blocks.layers import (
 )
 from pixel_models.blocks.lstm import LSTMGatesAtPixel
 from pixel_models.blocks.masks import MaskedConv2d
+from pixel_models.distributions import build_distribution
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -76,7 +80,7 @@ class DiagonalBiLSTMLayer(nn.Module):
     (direction, gate, feature) and their state-to-state convolutions one grouped convolution.
     """
 
-    def __init__(self, hidden: int, num_colors: int):
+    def __init__(self, hidden: int, num_colors: int, num_classes: int = 0):
         super().__init__()
         self.hidden = hidden
         # Output chunks: [left-to-right i, f, o, g | right-to-left i, f, o, g]; numbering the groups of
@@ -90,6 +94,7 @@ class DiagonalBiLSTMLayer(nn.Module):
         # Right-to-left gates only, from the image: see the module docstring. No mask, no bias.
         self.image_to_state = nn.Conv2d(num_colors, 4 * hidden, 1, bias=False)
         self.output = MaskedConv2d(hidden, 2 * hidden, 1, "B", num_colors)
+        self.class_bias = class_bias(num_classes, 8 * hidden)  # both directions' gates
 
     def step(self, gates_in: torch.Tensor, state: State | None) -> State:
         """Advance one diagonal. ``gates_in``: (B, 2, 4, h, n), both directions' input-to-state for one
@@ -107,14 +112,19 @@ class DiagonalBiLSTMLayer(nn.Module):
         cell = input_gate * candidate if state is None else forget_gate * state[1] + input_gate * candidate
         return output_gate * torch.tanh(cell), cell
 
-    def hidden_states(self, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_states(
+        self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden maps (B, h, H, W) of the left-to-right and right-to-left directions, unshifted.
 
-        ``x``: the layer input (B, 2h, H, W); ``image``: the network's input (B, C, H, W).
+        ``x``: the layer input (B, 2h, H, W); ``image``: the network's input (B, C, H, W); ``label``: class
+        indices (B,) of a conditional network.
         """
         b, _, n, m = x.shape
         h = self.hidden
         gates_in = self.input_to_state(x)
+        if self.class_bias is not None:
+            gates_in = gates_in + self.class_bias(label)[:, :, None, None]
         right_to_left = gates_in[:, 4 * h :] + self.image_to_state(image)
         # The right-to-left LSTM is the left-to-right recurrence on the mirrored map.
         gates_in = torch.cat([gates_in[:, : 4 * h], right_to_left.flip(-1)], dim=1)
@@ -132,8 +142,10 @@ class DiagonalBiLSTMLayer(nn.Module):
         hidden = unskew(torch.stack(columns, dim=-1))  # (B, 2, h, n, m)
         return hidden[:, 0], hidden[:, 1].flip(-1)
 
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        left_to_right, right_to_left = self.hidden_states(x, image)
+    def forward(
+        self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        left_to_right, right_to_left = self.hidden_states(x, image, label)
         # One row down: the right-to-left state of row i-1 covers rows <= i-1 only, so no pixel sees
         # its own row to the right, nor itself.
         shifted = F.pad(right_to_left[:, :, :-1], (0, 0, 1, 0))
@@ -153,24 +165,36 @@ class DiagonalBiLSTM(nn.Module):
         num_output_layers: int = 2,
         residual: bool = True,
         skip: bool = True,
+        output: dict | None = None,
+        num_classes: int = 0,
     ):
         super().__init__()
         self.num_channels = num_channels
         self.num_levels = num_levels
+        self.num_classes = num_classes
+        self.distribution = build_distribution(output, num_channels, num_levels)
         self.first = FirstLayer(num_channels, 2 * hidden)
+        self.first_bias = class_bias(num_classes, 2 * hidden)
         self.stack = ResidualSkipStack(
-            [DiagonalBiLSTMLayer(hidden, num_channels) for _ in range(num_layers)],
+            [DiagonalBiLSTMLayer(hidden, num_channels, num_classes) for _ in range(num_layers)],
             residual=residual,
             skip=skip,
         )
-        self.output = OutputLayers(2 * hidden, output_hidden, num_channels, num_levels, num_output_layers)
+        self.output = OutputLayers(
+            2 * hidden, output_hidden, num_channels, self.distribution, num_output_layers
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> the distribution's parameters (B, P, H, W)."""
         check_input(x, self.num_channels)
-        return self.output(self.stack(self.first(x), x))
+        index = class_index(label, len(x), self.num_classes, x.device)
+        h = self.first(x)
+        if self.first_bias is not None:
+            h = h + self.first_bias(index)[:, :, None, None]
+        return self.output(self.stack(h, x, index))
 
-    def cached_stepper(self) -> "CachedDiagonalBiLSTMStepper":
-        return CachedDiagonalBiLSTMStepper(self)
+    def cached_stepper(self, label: torch.Tensor | None = None) -> "CachedDiagonalBiLSTMStepper":
+        return CachedDiagonalBiLSTMStepper(self, label)
 
 
 class DiagonalBiLSTMLayerAtPosition:
@@ -225,7 +249,7 @@ def stack_layers(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class CachedDiagonalBiLSTMStepper:
-    """Logits of one sub-pixel at a time, computing each layer at that pixel only.
+    """Output parameters at one pixel at a time, computing each layer at that pixel only.
 
     Cached, for all L layers in stacked buffers (L, B, W + 1, F), channels last: per layer the
     left-to-right state of the current row so far and the layer's input along it (``record`` and
@@ -260,8 +284,11 @@ class CachedDiagonalBiLSTMStepper:
     them; the caches start over at (0, 0, colour 0). The weights are copied when the stepper is made.
     """
 
-    def __init__(self, net: DiagonalBiLSTM):
+    def __init__(self, net: DiagonalBiLSTM, label: torch.Tensor | None = None):
         self.first = net.first.at_position()
+        self.first_bias_table = net.first_bias
+        self.num_classes = net.num_classes
+        self.label = label
         self.stack = net.stack
         self.output = net.output.at_position()
         layers = list(net.stack.layers)
@@ -282,8 +309,14 @@ class CachedDiagonalBiLSTMStepper:
         self.output_matrix = stack_layers([layer.output_matrix for layer in self.layers])
         self.output_bias = stack_layers([layer.output.bias.detach()[None] for layer in layers])
 
-    def reset(self, batch: int, width: int) -> None:
+    def reset(self, batch: int, width: int, index: torch.Tensor | None = None) -> None:
         self.width, h, new = width, self.hidden, self.l2r_bias.new_zeros
+        # Class biases of each image's gates, (L, B, 1, 4h) per direction, added to the row terms.
+        self.l2r_label_bias = self.r2l_label_bias = None
+        if index is not None:
+            tables = [layer.class_bias for layer in self.stack.layers]
+            biases = torch.stack([table(index).detach() for table in tables])[:, :, None]  # (L, B, 1, 8h)
+            self.l2r_label_bias, self.r2l_label_bias = biases[..., : 4 * h], biases[..., 4 * h :]
         shape = (len(self.layers), batch)
         self.record, self.cell = new(*shape, width + 1, 3 * h), new(*shape, width + 1, h)
         self.gates_above, self.output_above = new(*shape, width, 4 * h), new(*shape, width, 2 * h)
@@ -308,6 +341,8 @@ class CachedDiagonalBiLSTMStepper:
         r2l_above = self.r2l_hidden[:, :, :width].reshape(num_layers, -1, h)  # h_r2l(i - 1, j)
         gates_above = self.gates_above.view(num_layers, -1, 4 * h)
         torch.baddbmm(self.l2r_bias, l2r_above, self.l2r_above, out=gates_above)
+        if self.l2r_label_bias is not None:
+            self.gates_above += self.l2r_label_bias
         output_above = self.output_above.view(num_layers, -1, 2 * h)
         torch.baddbmm(self.output_bias, r2l_above, self.output_matrix, out=output_above)
 
@@ -321,6 +356,8 @@ class CachedDiagonalBiLSTMStepper:
         image = image_row.transpose(1, 2).reshape(-1, image_row.shape[1])  # (B * W, C)
         gates = self.r2l_row_gates.view(num_layers, -1, 4 * h)
         torch.baddbmm(self.r2l_bias, inputs, self.r2l_input, out=gates)
+        if self.r2l_label_bias is not None:
+            self.r2l_row_gates += self.r2l_label_bias
         gates.baddbmm_(above, self.r2l_above)
         gates += torch.matmul(image, self.r2l_image)
         # Then the recurrence, the LSTM update for all layers at once. The state-to-state products are one
@@ -338,12 +375,18 @@ class CachedDiagonalBiLSTMStepper:
                 torch.addmm(row_gates, hidden_right, right, out=out)
             self.r2l_gates.update(self.r2l_cell_at[j + 1], self.r2l_cell_at[j], self.r2l_hidden_at[j])
 
-    def logits(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
-        """Logits (B, K) of colour c at pixel (i, j), given the image ``x`` (B, C, H, W) generated so far."""
-        if self.layers and (i, j, c) == (0, 0, 0):  # (a stack of no layers has nothing to cache)
-            self.reset(len(x), x.shape[3])
+    def params(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
+        """The distribution's parameters (B, P) at pixel (i, j) for colour c's step, given the image ``x``
+        (B, C, H, W) generated so far."""
+        if (i, j, c) == (0, 0, 0):
+            index = class_index(self.label, len(x), self.num_classes, x.device)
+            self.first_bias = None if index is None else self.first_bias_table(index).detach()
+            if self.layers:  # (a stack of no layers has nothing to cache)
+                self.reset(len(x), x.shape[3], index)
         if self.layers and (j, c) == (0, 0):
             self.start_row(x, i)
         h = self.first.features(x, i, j)
+        if self.first_bias is not None:
+            h = h + self.first_bias
         h = stack_at_position(self.stack, h, self.layers, j)
-        return self.output(h)[:, :, c]
+        return self.output(h)

@@ -1,8 +1,10 @@
 """PixelCNN, as in van den Oord et al., *Pixel Recurrent Neural Networks* (2016), section 3.5.
 
 A 7x7 mask-A convolution, then residual blocks (Figure 5: ReLU, 1x1 conv 2h->h, ReLU, 3x3 conv h->h,
-ReLU, 1x1 conv h->2h, all mask B, added to the block's input), then ReLU + 1x1 mask-B output layers and
-a K-way softmax per sub-pixel. Fully convolutional, so it runs at any H and W.
+ReLU, 1x1 conv h->2h, all mask B, added to the block's input), then ReLU + 1x1 mask-B output layers giving
+the output distribution's parameters (``distributions``; by default a K-way softmax per sub-pixel). Fully
+convolutional, so it runs at any H and W. Conditional (``num_classes`` > 0): a learned per-class bias on the
+first layer's output and on every block's 1x1 reduction (``blocks.conditioning``).
 
 ``PixelCNN.cached_stepper()`` samples without re-running the whole network for every sub-pixel: see
 ``CachedPixelCNNStepper``.
@@ -11,6 +13,7 @@ a K-way softmax per sub-pixel. Fully convolutional, so it runs at any H and W.
 import torch
 from torch import nn
 
+from pixel_models.blocks.conditioning import class_bias, class_index
 from pixel_models.blocks.layers import (
     FirstLayer,
     OutputLayers,
@@ -19,19 +22,23 @@ from pixel_models.blocks.layers import (
     stack_at_position,
 )
 from pixel_models.blocks.masks import MaskedConv2d
+from pixel_models.distributions import build_distribution
 
 
 class ResidualBlock(nn.Module):
     """The block's branch (the stack adds the input back): 2h -> h -> h (3x3) -> 2h, mask B."""
 
-    def __init__(self, hidden: int, num_colors: int, kernel_size: int = 3):
+    def __init__(self, hidden: int, num_colors: int, kernel_size: int = 3, num_classes: int = 0):
         super().__init__()
         self.reduce = MaskedConv2d(2 * hidden, hidden, 1, "B", num_colors)
         self.conv = MaskedConv2d(hidden, hidden, kernel_size, "B", num_colors)
         self.expand = MaskedConv2d(hidden, 2 * hidden, 1, "B", num_colors)
+        self.class_bias = class_bias(num_classes, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         x = self.reduce(torch.relu(x))
+        if self.class_bias is not None:
+            x = x + self.class_bias(label)[:, :, None, None]
         x = self.conv(torch.relu(x))
         return self.expand(torch.relu(x))
 
@@ -49,22 +56,33 @@ class PixelCNN(nn.Module):
         num_output_layers: int = 2,
         residual: bool = True,
         skip: bool = False,
+        output: dict | None = None,
+        num_classes: int = 0,
     ):
         super().__init__()
         self.num_channels = num_channels
         self.num_levels = num_levels
+        self.num_classes = num_classes
+        self.distribution = build_distribution(output, num_channels, num_levels)
         self.first = FirstLayer(num_channels, 2 * hidden)
-        self.stack = ResidualSkipStack(
-            [ResidualBlock(hidden, num_channels) for _ in range(num_layers)], residual=residual, skip=skip
+        self.first_bias = class_bias(num_classes, 2 * hidden)
+        blocks = [ResidualBlock(hidden, num_channels, num_classes=num_classes) for _ in range(num_layers)]
+        self.stack = ResidualSkipStack(blocks, residual=residual, skip=skip)
+        self.output = OutputLayers(
+            2 * hidden, output_hidden, num_channels, self.distribution, num_output_layers
         )
-        self.output = OutputLayers(2 * hidden, output_hidden, num_channels, num_levels, num_output_layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> the distribution's parameters (B, P, H, W)."""
         check_input(x, self.num_channels)
-        return self.output(self.stack(self.first(x)))
+        index = class_index(label, len(x), self.num_classes, x.device)
+        h = self.first(x)
+        if self.first_bias is not None:
+            h = h + self.first_bias(index)[:, :, None, None]
+        return self.output(self.stack(h, index))
 
-    def cached_stepper(self) -> "CachedPixelCNNStepper":
-        return CachedPixelCNNStepper(self)
+    def cached_stepper(self, label: torch.Tensor | None = None) -> "CachedPixelCNNStepper":
+        return CachedPixelCNNStepper(self, label)
 
 
 class ResidualBlockAtPosition:
@@ -74,19 +92,25 @@ class ResidualBlockAtPosition:
         self.reduce = block.reduce.at_position()
         self.conv = block.conv.at_position()
         self.expand = block.expand.at_position()
+        self.class_bias = block.class_bias
         self.cache: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
 
-    def reset(self, batch: int, height: int, width: int) -> None:
+    def reset(self, batch: int, height: int, width: int, index: torch.Tensor | None) -> None:
         self.cache = self.conv.new_cache(batch, height, width)
+        self.bias = None if self.class_bias is None else self.class_bias(index).detach()
 
     def __call__(self, h: torch.Tensor, i: int, j: int) -> torch.Tensor:
         """The block's branch output (B, 2h) at pixel (i, j), from the block's input h (B, 2h) there."""
-        self.conv.write(self.cache, i, j, torch.relu_(self.reduce(torch.relu(h))))
+        reduced = self.reduce(torch.relu(h))
+        if self.bias is not None:
+            reduced += self.bias
+        self.conv.write(self.cache, i, j, torch.relu_(reduced))
         return self.expand(torch.relu_(self.conv.at(self.cache, i, j)))
 
 
 class CachedPixelCNNStepper:
-    """Logits of one sub-pixel at a time, computing every layer at that pixel only.
+    """Output parameters at one pixel at a time, computing every layer at that pixel only.
 
     Cached, per residual block: the input of its 3x3 convolution, relu(reduce(relu(h))), at every pixel
     done so far (zero padded, channels last: (B, H + 1, W + 2, h), see ``ConvAtPosition``). Every other
@@ -105,18 +129,26 @@ class CachedPixelCNNStepper:
     them; the caches start over at (0, 0, colour 0). The weights are copied when the stepper is made.
     """
 
-    def __init__(self, net: PixelCNN):
+    def __init__(self, net: PixelCNN, label: torch.Tensor | None = None):
         self.first = net.first.at_position()
+        self.first_bias_table = net.first_bias
+        self.num_classes = net.num_classes
+        self.label = label
         self.stack = net.stack
         self.blocks = [ResidualBlockAtPosition(block) for block in net.stack.layers]
         self.output = net.output.at_position()
 
-    def logits(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
-        """Logits (B, K) of colour c at pixel (i, j), given the image ``x`` (B, C, H, W) generated so far."""
+    def params(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
+        """The distribution's parameters (B, P) at pixel (i, j) for colour c's step, given the image ``x``
+        (B, C, H, W) generated so far."""
         if (i, j, c) == (0, 0, 0):
             batch, _, height, width = x.shape
+            index = class_index(self.label, batch, self.num_classes, x.device)
+            self.first_bias = None if index is None else self.first_bias_table(index).detach()
             for block in self.blocks:
-                block.reset(batch, height, width)
+                block.reset(batch, height, width, index)
         h = self.first.features(x, i, j)
+        if self.first_bias is not None:
+            h = h + self.first_bias
         h = stack_at_position(self.stack, h, self.blocks, i, j)
-        return self.output(h)[:, :, c]
+        return self.output(h)

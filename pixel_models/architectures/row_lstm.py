@@ -12,7 +12,9 @@ previous row's hidden state. The context of a pixel is a triangle above it, wide
 per row on each side. A 1x1 mask-B convolution takes the h hidden maps back to the stack's 2h maps.
 
 The network: 7x7 mask-A first layer, ``num_layers`` such layers with residual and skip connections,
-ReLU + 1x1 mask-B output layers giving logits (B, K, C, H, W). Runs at any H and W.
+ReLU + 1x1 mask-B output layers giving the output distribution's parameters (B, P, H, W) (``distributions``).
+Runs at any H and W. Conditional (``num_classes`` > 0): a learned per-class bias on the first layer's output
+and on every layer's gates (``blocks.conditioning``).
 
 ``RowLSTM.cached_stepper()`` samples without re-running the whole network for every sub-pixel: see
 ``CachedRowLSTMStepper``.
@@ -21,6 +23,7 @@ ReLU + 1x1 mask-B output layers giving logits (B, K, C, H, W). Runs at any H and
 import torch
 from torch import nn
 
+from pixel_models.blocks.conditioning import class_bias, class_index
 from pixel_models.blocks.layers import (
     FirstLayer,
     OutputLayers,
@@ -30,6 +33,7 @@ from pixel_models.blocks.layers import (
 )
 from pixel_models.blocks.lstm import LSTMGatesAtPixel
 from pixel_models.blocks.masks import MaskedConv2d
+from pixel_models.distributions import build_distribution
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,7 +41,7 @@ State = tuple[torch.Tensor, torch.Tensor]
 class RowLSTMLayer(nn.Module):
     """One Row LSTM layer: 2h maps in, an LSTM with h hidden maps, 2h maps out (mask-B 1x1)."""
 
-    def __init__(self, hidden: int, num_colors: int, kernel_size: int = 3):
+    def __init__(self, hidden: int, num_colors: int, kernel_size: int = 3, num_classes: int = 0):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd so the row keeps its width, got {kernel_size}")
@@ -51,6 +55,7 @@ class RowLSTMLayer(nn.Module):
         # group, so this convolution needs no mask. No bias: input_to_state already has one.
         self.state_to_state = nn.Conv1d(hidden, 4 * hidden, kernel_size, padding=kernel_size // 2, bias=False)
         self.output = MaskedConv2d(hidden, 2 * hidden, 1, "B", num_colors)
+        self.class_bias = class_bias(num_classes, 4 * hidden)  # on the gates
 
     def step(self, gates_in: torch.Tensor, state: State | None) -> State:
         """Advance one row. ``gates_in``: (B, 4h, W), the input-to-state part for that row;
@@ -66,13 +71,16 @@ class RowLSTMLayer(nn.Module):
         cell = input_gate * candidate if state is None else forget_gate * state[1] + input_gate * candidate
         return output_gate * torch.tanh(cell), cell
 
-    def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
-        """The LSTM's hidden maps (B, h, H, W) for a layer input x (B, 2h, H, W)."""
+    def hidden_states(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """The LSTM's hidden maps (B, h, H, W) for a layer input x (B, 2h, H, W) (and class indices)."""
         height = x.shape[2]
+        gates_in = self.input_to_state(x)
+        if self.class_bias is not None:
+            gates_in = gates_in + self.class_bias(label)[:, :, None, None]
         # All rows' input-to-state in one convolution, laid out row-major so each step reads a
         # contiguous (B, 4h, W) slice. unbind, not indexing: the backward of H index ops would each
         # write into a zero tensor the size of the whole map, H times over.
-        gates_in = self.input_to_state(x).permute(2, 0, 1, 3).contiguous().unbind(0)
+        gates_in = gates_in.permute(2, 0, 1, 3).contiguous().unbind(0)
         rows: list[torch.Tensor | None] = [None] * height
         state = None
         for i in range(height):
@@ -80,8 +88,8 @@ class RowLSTMLayer(nn.Module):
             rows[i] = state[0]
         return torch.stack(rows, dim=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(self.hidden_states(x))
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.hidden_states(x, label))
 
 
 class RowLSTM(nn.Module):
@@ -98,24 +106,36 @@ class RowLSTM(nn.Module):
         residual: bool = True,
         skip: bool = True,
         kernel_size: int = 3,
+        output: dict | None = None,
+        num_classes: int = 0,
     ):
         super().__init__()
         self.num_channels = num_channels
         self.num_levels = num_levels
+        self.num_classes = num_classes
+        self.distribution = build_distribution(output, num_channels, num_levels)
         self.first = FirstLayer(num_channels, 2 * hidden)
+        self.first_bias = class_bias(num_classes, 2 * hidden)
         self.stack = ResidualSkipStack(
-            [RowLSTMLayer(hidden, num_channels, kernel_size) for _ in range(num_layers)],
+            [RowLSTMLayer(hidden, num_channels, kernel_size, num_classes) for _ in range(num_layers)],
             residual=residual,
             skip=skip,
         )
-        self.output = OutputLayers(2 * hidden, output_hidden, num_channels, num_levels, num_output_layers)
+        self.output = OutputLayers(
+            2 * hidden, output_hidden, num_channels, self.distribution, num_output_layers
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> the distribution's parameters (B, P, H, W)."""
         check_input(x, self.num_channels)
-        return self.output(self.stack(self.first(x)))
+        index = class_index(label, len(x), self.num_classes, x.device)
+        h = self.first(x)
+        if self.first_bias is not None:
+            h = h + self.first_bias(index)[:, :, None, None]
+        return self.output(self.stack(h, index))
 
-    def cached_stepper(self) -> "CachedRowLSTMStepper":
-        return CachedRowLSTMStepper(self)
+    def cached_stepper(self, label: torch.Tensor | None = None) -> "CachedRowLSTMStepper":
+        return CachedRowLSTMStepper(self, label)
 
 
 class RowState:
@@ -151,9 +171,12 @@ class RowLSTMLayerAtPosition:
         # State-to-state: ordered (feature, tap) like a row's hidden state unfolded into k-wide windows.
         self.state_matrix = layer.state_to_state.weight.detach().permute(1, 2, 0).reshape(-1, 4 * h)
         self.output = layer.output.at_position()
+        self.class_bias = layer.class_bias
 
-    def reset(self, batch: int, width: int) -> None:
+    def reset(self, batch: int, width: int, index: torch.Tensor | None = None) -> None:
         h, pad, like = self.hidden, self.pad, self.input_bias
+        # The class bias of each image's gates (B, 1, 4h), added to the row's state term at every row.
+        self.label_bias = None if self.class_bias is None else self.class_bias(index).detach()[:, None]
         self.inputs = like.new_zeros(batch, pad + width, 2 * h)
         self.input_at = self.inputs.unbind(1)[pad:]
         # Columns j - k//2 .. j of the input, one (B, (k//2 + 1) * 2h) view per j.
@@ -171,6 +194,8 @@ class RowLSTMLayerAtPosition:
         gates_above = self.gates_above.view(-1, 4 * self.hidden)
         windows = windows.reshape(len(gates_above), -1)  # (B * W, h * k)
         torch.addmm(self.input_bias, windows, self.state_matrix, out=gates_above)
+        if self.label_bias is not None:
+            self.gates_above += self.label_bias
 
     def __call__(self, x: torch.Tensor, j: int) -> torch.Tensor:
         """The layer's output (B, 2h) at column j of the current row, from its input x (B, 2h) there."""
@@ -182,7 +207,7 @@ class RowLSTMLayerAtPosition:
 
 
 class CachedRowLSTMStepper:
-    """Logits of one sub-pixel at a time, computing each layer at that pixel only.
+    """Output parameters at one pixel at a time, computing each layer at that pixel only.
 
     Cached, per layer (``RowLSTMLayerAtPosition``): the hidden and cell states of the finished row above
     and of the current row so far, and the layer's input along the current row. The Row LSTM's state of
@@ -207,21 +232,29 @@ class CachedRowLSTMStepper:
     them; the caches start over at (0, 0, colour 0). The weights are copied when the stepper is made.
     """
 
-    def __init__(self, net: RowLSTM):
+    def __init__(self, net: RowLSTM, label: torch.Tensor | None = None):
         self.first = net.first.at_position()
+        self.first_bias_table = net.first_bias
+        self.num_classes = net.num_classes
+        self.label = label
         self.stack = net.stack
         self.layers = [RowLSTMLayerAtPosition(layer) for layer in net.stack.layers]
         self.output = net.output.at_position()
 
-    def logits(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
-        """Logits (B, K) of colour c at pixel (i, j), given the image ``x`` (B, C, H, W) generated so far."""
+    def params(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
+        """The distribution's parameters (B, P) at pixel (i, j) for colour c's step, given the image ``x``
+        (B, C, H, W) generated so far."""
         if (i, j, c) == (0, 0, 0):
             batch, _, _, width = x.shape
+            index = class_index(self.label, batch, self.num_classes, x.device)
+            self.first_bias = None if index is None else self.first_bias_table(index).detach()
             for layer in self.layers:
-                layer.reset(batch, width)
+                layer.reset(batch, width, index)
         if (j, c) == (0, 0):
             for layer in self.layers:
                 layer.start_row()
         h = self.first.features(x, i, j)
+        if self.first_bias is not None:
+            h = h + self.first_bias
         h = stack_at_position(self.stack, h, self.layers, j)
-        return self.output(h)[:, :, c]
+        return self.output(h)

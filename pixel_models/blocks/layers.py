@@ -3,8 +3,8 @@
 - the first layer: a 7x7 mask-A convolution from the C input colours to 2h feature maps;
 - the stack of layers with the paper's residual connections (a layer's 2h-map output is added to its
   input) and skip connections (every layer's output is summed into the output layers' input);
-- the output layers: ReLU + 1x1 mask-B convolutions, the last giving a K-way softmax's logits for every
-  sub-pixel, returned as (B, K, C, H, W).
+- the output layers: ReLU + 1x1 mask-B convolutions, the last giving the output distribution's parameter
+  maps (B, P, H, W) (for the K-way softmax, P = K * C logits; see ``distributions``).
 
 Cached samplers evaluate the first and the output layers at one pixel at a time: ``FirstLayer.at_position``
 and ``OutputLayers.at_position`` (built on ``masks.ConvAtPosition``).
@@ -63,7 +63,7 @@ class ResidualSkipStack(nn.Module):
     Residual: a layer's output is added to its input. Skip: every layer's output (learnable through the
     layer's last 1x1 convolution) is summed into the output layers' input; without skips the output
     layers read the last layer's result. ``context`` is passed to every layer unchanged (the Diagonal
-    BiLSTM's right-to-left direction reads the image).
+    BiLSTM's right-to-left direction reads the image; conditional networks pass the class index).
     """
 
     def __init__(self, layers: list[nn.Module], residual: bool = True, skip: bool = True):
@@ -98,44 +98,42 @@ def stack_at_position(stack: ResidualSkipStack, h: torch.Tensor, layer_steps, *c
 
 
 class OutputLayers(nn.Module):
-    """ReLU + 1x1 mask-B convolutions; the last one gives C*K logits, viewed as (B, K, C, H, W)."""
+    """ReLU + 1x1 mask-B convolutions; the last one gives the distribution's ``num_params`` maps, each masked
+    as the colour group the distribution gives it (``param_groups()``): (B, P, H, W)."""
 
     def __init__(
-        self, in_features: int, hidden_features: int, num_colors: int, num_levels: int, num_layers: int = 2
+        self, in_features: int, hidden_features: int, num_colors: int, distribution, num_layers: int = 2
     ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_output_layers must be at least 1, got {num_layers}")
-        widths = [in_features] + [hidden_features] * (num_layers - 1) + [num_colors * num_levels]
+        widths = [in_features] + [hidden_features] * (num_layers - 1) + [distribution.num_params]
+        groups = [None] * (num_layers - 1) + [distribution.param_groups()]
         self.convs = nn.ModuleList(
-            MaskedConv2d(widths[i], widths[i + 1], 1, "B", num_colors) for i in range(num_layers)
+            MaskedConv2d(widths[i], widths[i + 1], 1, "B", num_colors, out_groups=groups[i])
+            for i in range(num_layers)
         )
         self.num_colors = num_colors
-        self.num_levels = num_levels
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for conv in self.convs:
             h = conv(torch.relu(h))
-        b, _, height, width = h.shape
-        # Interleaved groups: feature k * C + c is level k of colour c (see masks.channel_groups).
-        return h.view(b, self.num_levels, self.num_colors, height, width)
+        return h
 
     def at_position(self) -> "OutputLayersAtPosition":
         return OutputLayersAtPosition(self)
 
 
 class OutputLayersAtPosition:
-    """The output layers at one pixel (cached sampling): (B, in_features) -> logits (B, K, C).
+    """The output layers at one pixel (cached sampling): (B, in_features) -> parameters (B, P).
 
     1x1 convolutions need no cache: each is one addmm on the pixel's features (``ConvAtPosition``).
     """
 
     def __init__(self, output: OutputLayers):
         self.convs = [conv.at_position() for conv in output.convs]
-        self.num_colors = output.num_colors
-        self.num_levels = output.num_levels
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         for conv in self.convs:
             h = conv(torch.relu(h))
-        return h.view(len(h), self.num_levels, self.num_colors)
+        return h

@@ -36,10 +36,13 @@ def causal_mask(
     num_colors: int,
     mask_type: str,
     out_chunks: int = 1,
+    out_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A 0/1 mask of shape (out, in, kh, kw) for a kernel centred at (kh // 2, kw // 2).
 
-    ``out_chunks`` > 1 numbers the groups of each equal chunk of the outputs separately (gates).
+    ``out_chunks`` > 1 numbers the groups of each equal chunk of the outputs separately (gates);
+    ``out_groups`` gives each output's group explicitly instead (an output distribution's parameters, see
+    ``distributions``).
     """
     if mask_type not in ("A", "B"):
         raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
@@ -48,7 +51,15 @@ def causal_mask(
     mask = torch.zeros(out_features, in_features, kh, kw)
     mask[:, :, :ci, :] = 1  # rows above
     mask[:, :, ci, :cj] = 1  # left of the centre on its row
-    out_group = channel_groups(out_features, num_colors, out_chunks)[:, None]
+    if out_groups is None:
+        out_groups = channel_groups(out_features, num_colors, out_chunks)
+    elif out_groups.shape != (out_features,) or not bool(
+        ((out_groups >= 0) & (out_groups < num_colors)).all()
+    ):
+        raise ValueError(
+            f"out_groups must give each of {out_features} outputs a group in 0..{num_colors - 1}"
+        )
+    out_group = out_groups[:, None]
     in_group = channel_groups(in_features, num_colors)[None, :]
     sees_centre = out_group > in_group if mask_type == "A" else out_group >= in_group
     mask[:, :, ci, cj] = sees_centre.float()
@@ -59,7 +70,8 @@ class MaskedConv2d(nn.Conv2d):
     """A 'same'-padded convolution whose kernel is multiplied by a causal mask (A or B).
 
     ``kernel_size`` may be rectangular: (1, k) is the Row LSTM's k x 1 input-to-state convolution
-    along a row. Odd sizes only, so the centre is a pixel. ``out_chunks``: see ``causal_mask``.
+    along a row. Odd sizes only, so the centre is a pixel. ``out_chunks``, ``out_groups``: see
+    ``causal_mask``.
     """
 
     def __init__(
@@ -71,6 +83,7 @@ class MaskedConv2d(nn.Conv2d):
         num_colors: int,
         bias: bool = True,
         out_chunks: int = 1,
+        out_groups: torch.Tensor | None = None,
     ):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         if kh % 2 == 0 or kw % 2 == 0:
@@ -80,7 +93,7 @@ class MaskedConv2d(nn.Conv2d):
         self.num_colors = num_colors
         self.register_buffer(
             "mask",
-            causal_mask(out_channels, in_channels, (kh, kw), num_colors, mask_type, out_chunks),
+            causal_mask(out_channels, in_channels, (kh, kw), num_colors, mask_type, out_chunks, out_groups),
             persistent=False,
         )
 

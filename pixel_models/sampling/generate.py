@@ -1,10 +1,14 @@
 """Generation: one loop over sub-pixels in raster order (R, then G, then B of each pixel) for every
 architecture.
 
-A *stepper* returns the logits of the next sub-pixel given the image generated so far. The naive
-stepper runs the whole network each time (H * W * C passes); cached steppers (``net.cached_stepper()``,
-e.g. ``pixelcnn.CachedPixelCNNStepper``) compute each layer at the new pixel only, from caches of the
-layers' earlier outputs. Sampling draws each sub-pixel by inverting the CDF at a uniform number fixed
+A *stepper* returns the network's output parameters at the next sub-pixel's pixel given the image
+generated so far; the network's output distribution (``net.distribution.logits_at``) turns them into the
+K-level logits of that sub-pixel given the pixel's earlier colours. The naive stepper runs the whole
+network each time (H * W * C passes); cached steppers (``net.cached_stepper(label)``, e.g.
+``pixelcnn.CachedPixelCNNStepper``) compute each layer at the new pixel only, from caches of the layers'
+earlier outputs. A conditional network samples images of the given classes (``label``, (B,)), or
+unconditionally with ``label=None``. Sampling draws each sub-pixel by inverting the CDF at a uniform
+number fixed
 in advance, so two steppers that compute the same logits give exactly the same images from the same
 noise. Completion is generation with some sub-pixels given (``known`` / ``known_mask``).
 """
@@ -37,11 +41,12 @@ def categorical_from_uniform(logits: torch.Tensor, u: torch.Tensor, temperature:
 class NaiveStepper:
     """The reference: a full network pass per sub-pixel."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, label: torch.Tensor | None = None):
         self.net = net
+        self.label = label
 
-    def logits(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
-        return self.net(x)[:, :, c, i, j]
+    def params(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
+        return self.net(x, self.label)[:, :, i, j]
 
 
 def check_method(method: str) -> None:
@@ -49,14 +54,19 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown sampling method {method!r}; choose cached or naive")
 
 
-def make_stepper(net: torch.nn.Module, method: str):
-    """``method``: cached (the network's ``cached_stepper()``) or naive (the reference)."""
+def make_stepper(net: torch.nn.Module, method: str, label: torch.Tensor | None = None):
+    """``method``: cached (the network's ``cached_stepper(label)``) or naive (the reference)."""
     check_method(method)
     if method == "naive":
-        return NaiveStepper(net)
+        return NaiveStepper(net, label)
     if not callable(getattr(net, "cached_stepper", None)):
         raise ValueError(f"{type(net).__name__} has no cached sampler; use method=naive")
-    return net.cached_stepper()
+    return net.cached_stepper(label)
+
+
+def step_logits(net: torch.nn.Module, stepper, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
+    """Logits (B, K) of sub-pixel (c, i, j) given the image ``x`` generated so far."""
+    return net.distribution.logits_at(stepper.params(x, i, j, c), x[:, :, i, j], c)
 
 
 def uniform_noise(num: int, channels: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -81,6 +91,7 @@ def generate(
     known: torch.Tensor | None = None,
     known_mask: torch.Tensor | None = None,
     on_row: Callable[[int], None] | None = None,
+    label: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate images of integer levels (B, C, H, W).
 
@@ -88,7 +99,8 @@ def generate(
     ``known_mask`` (bool, same shape): sub-pixels taken as given instead of sampled (completion); the
     stepper still sees every step, since cached steppers fill their caches at known pixels too.
     ``method``: cached or naive (see ``make_stepper``). ``on_row(i)`` is called after each
-    finished row (progress bars). The network should be in eval mode.
+    finished row (progress bars). ``label``: (B,) classes for a conditional network (None: unconditional).
+    The network should be in eval mode.
     """
     batch, channels, height, width = noise.shape
     if (known is None) != (known_mask is None):
@@ -98,7 +110,9 @@ def generate(
             f"known {tuple(known.shape)} and known_mask {tuple(known_mask.shape)} must have the "
             f"noise's shape {tuple(noise.shape)}"
         )
-    stepper = make_stepper(net, method)
+    if label is not None:
+        label = label.to(noise.device).long()
+    stepper = make_stepper(net, method, label)
     levels = torch.zeros(noise.shape, dtype=torch.long, device=noise.device)
     x = torch.zeros(noise.shape, dtype=next(net.parameters()).dtype, device=noise.device)
     if known is not None:
@@ -107,7 +121,8 @@ def generate(
     for i in range(height):
         for j in range(width):
             for c in range(channels):
-                new = categorical_from_uniform(stepper.logits(x, i, j, c), noise[:, c, i, j], temperature)
+                logits = step_logits(net, stepper, x, i, j, c)
+                new = categorical_from_uniform(logits, noise[:, c, i, j], temperature)
                 if known is not None:
                     new = torch.where(known_mask[:, c, i, j], known[:, c, i, j], new)
                 levels[:, c, i, j] = new
@@ -127,15 +142,18 @@ def sample_grid(
     temperature: float = 1.0,
     method: str = "cached",
     device: torch.device | str = "cpu",
+    label: torch.Tensor | None = None,
+    nrow: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_samples`` images sampled from noise fixed by ``seed``, with the network in eval mode (its mode
     is restored after): the levels (N, C, H, W) and their grid (3, H', W'). train.py's final samples, the
-    sample-grid callback and sample.py all sample through here."""
+    sample-grid callback and sample.py all sample through here. ``label``: (N,) classes of a conditional
+    network's samples (None: unconditional); ``nrow``: images per grid row."""
     noise = uniform_noise(num_samples, num_channels, image_size, image_size, seed).to(device)
     was_training = net.training
     net.eval()
     try:
-        levels = generate(net, noise, num_levels, temperature, method)
+        levels = generate(net, noise, num_levels, temperature, method, label=label)
     finally:
         net.train(was_training)
-    return levels, levels_grid(levels, num_levels)
+    return levels, levels_grid(levels, num_levels, nrow)

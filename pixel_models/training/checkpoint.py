@@ -52,7 +52,15 @@ def load_module(path: str | os.PathLike) -> AutoregressiveModule:
     return module_from_checkpoint(load_checkpoint(path)).eval()
 
 
-ARCHITECTURE_KEYS = ("net", "num_channels", "num_levels", "image_size")
+ARCHITECTURE_KEYS = (
+    "net",
+    "num_channels",
+    "num_levels",
+    "image_size",
+    "output",
+    "conditional",
+    "num_classes",
+)
 
 
 def module_from_checkpoint(ckpt: dict) -> AutoregressiveModule:

@@ -5,6 +5,12 @@ checkpoints load with ``torch.load(weights_only=True)``. Batches are dicts: ``le
 levels (B, C, H, W) in {0..K-1}; ``index``, each image's index in its split, which lets validation and
 test sum the NLL of every image exactly once (see ``likelihood.SplitNLL``); optionally ``label``.
 
+The output distribution (``output``, see ``pixel_models.distributions``) gives the NLL; ``forward``
+returns the (B, K, C, H, W) logits of the K levels of every sub-pixel whatever the distribution.
+``conditional=True`` builds a class-conditional network over the data's ``num_classes`` (batches must
+then carry ``label``); ``label_dropout`` replaces a training image's label by "no label" with that
+probability, so the same model also samples unconditionally.
+
 Logged: ``train/nll``, ``val/nll`` and ``test/nll`` in nats per image, ``val/bpd`` and ``test/bpd``
 in bits per sub-pixel.
 """
@@ -16,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pixel_models.architectures import build_network
-from pixel_models.training.likelihood import SplitNLL, bits_per_dim, nll_per_image
+from pixel_models.training.likelihood import SplitNLL, bits_per_dim
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
 
@@ -34,9 +40,22 @@ class AutoregressiveModule(L.LightningModule):
         image_size: int,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
+        output: dict | None = None,
+        conditional: bool = False,
+        num_classes: int = 0,
+        label_dropout: float = 0.0,
     ):
         super().__init__()
         net, optimizer, scheduler = _plain(net), _plain(optimizer), _plain(scheduler)
+        output = _plain(output) or {"name": "categorical"}
+        if conditional and num_classes < 1:
+            raise ValueError(
+                "model.conditional=true needs data with classes, and this data has none (num_classes=0; "
+                "binarized MNIST's files hold no labels): pick data with labels or set "
+                "model.conditional=false"
+            )
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"model.label_dropout={label_dropout} must be in [0, 1)")
         optimizer = optimizer or {"name": "adam", "lr": 1e-3}
         scheduler = scheduler or {"name": "none"}
         if optimizer.get("name") not in OPTIMIZERS:
@@ -57,10 +76,25 @@ class AutoregressiveModule(L.LightningModule):
                 "image_size": image_size,
                 "optimizer": optimizer,
                 "scheduler": scheduler,
+                "output": output,
+                "conditional": conditional,
+                "num_classes": num_classes,
+                "label_dropout": label_dropout,
             }
         )
         net_kwargs = {k: v for k, v in net.items() if k != "arch"}
-        self.net = build_network(net["arch"], num_channels=num_channels, num_levels=num_levels, **net_kwargs)
+        self.net = build_network(
+            net["arch"],
+            num_channels=num_channels,
+            num_levels=num_levels,
+            output=output,
+            num_classes=num_classes if conditional else 0,
+            **net_kwargs,
+        )
+        self.distribution = self.net.distribution
+        self.conditional = conditional
+        self.num_classes = num_classes if conditional else 0
+        self.label_dropout = label_dropout
         self.num_channels = num_channels
         self.num_levels = num_levels
         self.image_size = image_size
@@ -69,26 +103,39 @@ class AutoregressiveModule(L.LightningModule):
         # {"val": {"nll": nats per image, "bpd": bits per sub-pixel, "num_images": int}, ...}
         self.split_results: dict[str, dict[str, float]] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Float images (B, C, H, W) in [0, 1] -> logits (B, K, C, H, W)."""
-        return self.net(x)
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Float images (B, C, H, W) in [0, 1] (and, conditional, classes (B,) or None) -> logits
+        (B, K, C, H, W) over the K levels of every sub-pixel."""
+        return self.distribution.log_probs(self.net(x, label), x)
 
     def to_input(self, levels: torch.Tensor) -> torch.Tensor:
         return levels.float() / (self.num_levels - 1)
 
-    def nll(self, levels: torch.Tensor) -> torch.Tensor:
-        """NLL in nats of each image of a batch of integer levels."""
+    def batch_label(self, batch: dict, training: bool = False) -> torch.Tensor | None:
+        """The batch's labels for a conditional model (with label dropout in training), else None."""
+        if not self.conditional:
+            return None
+        label = batch.get("label")
+        if label is None:
+            raise ValueError("a conditional model (model.conditional=true) needs batches with a label")
+        if training and self.label_dropout > 0:
+            dropped = torch.rand(len(label), device=label.device) < self.label_dropout
+            label = torch.where(dropped, torch.full_like(label, self.num_classes), label)
+        return label
+
+    def nll(self, levels: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """NLL in nats of each image of a batch of integer levels (float32)."""
         if levels.shape[1] != self.num_channels or tuple(levels.shape[2:]) != (self.image_size,) * 2:
             raise ValueError(
                 f"the model expects images of shape ({self.num_channels}, {self.image_size}, "
                 f"{self.image_size}), the data gives {tuple(levels.shape[1:])}; set model "
                 f"num_channels/image_size from the data config"
             )
-        return nll_per_image(self(self.to_input(levels)), levels)
+        return self.distribution.nll(self.net(self.to_input(levels), label), levels)
 
     def training_step(self, batch, batch_idx):
         levels = batch["levels"]
-        loss = self.nll(levels).mean()
+        loss = self.nll(levels, self.batch_label(batch, training=True)).mean()
         self.log("train/nll", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(levels))
         return loss
 
@@ -99,7 +146,7 @@ class AutoregressiveModule(L.LightningModule):
 
     def _eval_step(self, batch) -> None:
         levels, index = batch["levels"], batch["index"]
-        self._split_nll.update(self.nll(levels), index)
+        self._split_nll.update(self.nll(levels, self.batch_label(batch)), index)
 
     def _end_split(self, stage: str) -> None:
         split = self._split_nll
