@@ -88,7 +88,7 @@ def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:
     callbacks = [
         *build_all(cfg.get("callbacks")),
         StoreDataConfig(cfg.data),
-        LogConfig(run_config(cfg)),
+        LogConfig(run_config(cfg), cfg.get("output_dir")),
         ResumableTrainOrder(cfg.seed),
         faults,
         *extra_callbacks,

@@ -1,14 +1,24 @@
-"""Lightning callbacks used by train.py."""
+"""Lightning callbacks used by train.py: data config in checkpoints, sample and completion grids, the
+training signals people watch (learning rate, gradient norm, throughput, epoch time, peak GPU memory) and
+the console model summary."""
 
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities.model_summary import summarize
+from lightning.pytorch.utilities.model_summary.model_summary import (
+    get_formatted_model_size,
+    get_human_readable_count,
+)
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
-from pixel_models.sampling.generate import check_method, sample_grid
+from pixel_models.sampling.generate import check_method, generate, sample_grid, uniform_noise
 
 
 class StoreDataConfig(L.Callback):
@@ -78,17 +88,281 @@ class SampleGrid(L.Callback):
         epoch = trainer.current_epoch
         if (epoch + 1) % self.every_n_epochs != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        grid = self.sample(pl_module)
-        uint8_hwc = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        shown = False
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=[uint8_hwc], step=trainer.global_step)
-                shown = True
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples", uint8_hwc, trainer.global_step, dataformats="HWC")
-                shown = True
-        if not shown:
-            path = Path(trainer.default_root_dir) / "samples" / f"epoch_{epoch:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(grid, path)
+        show_image(trainer, "samples", self.sample(pl_module), epoch)
+
+
+def show_image(trainer: L.Trainer, key: str, grid: torch.Tensor, epoch: int) -> None:
+    """A grid (3, H, W), float in [0, 1], to every W&B and TensorBoard logger as image ``key`` (W&B gets
+    uint8: it shows float images black); with neither, to ``<default_root_dir>/<key>/epoch_XXX.png``."""
+    uint8_hwc = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    shown = False
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[uint8_hwc], step=trainer.global_step)
+            shown = True
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, uint8_hwc, trainer.global_step, dataformats="HWC")
+            shown = True
+    if not shown:
+        path = Path(trainer.default_root_dir) / key / f"epoch_{epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+
+
+def completion_grid(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    num_levels: int,
+    completions_per_image: int,
+    seed: int,
+    temperature: float = 1.0,
+    method: str = "cached",
+) -> torch.Tensor:
+    """Completions of the bottom halves of ``images`` (N, C, H, W) given their top halves: a grid (3, H', W')
+    with one row per image: original | top half (the unknown half grey) | ``completions_per_image``
+    completions. The network is put in eval mode (its mode is restored after); the noise is fixed by
+    ``seed``, so successive epochs complete with the same draws."""
+    num, channels, height, width = images.shape
+    device = next(net.parameters()).device
+    known_mask = torch.zeros(num * completions_per_image, channels, height, width, dtype=torch.bool)
+    known_mask[:, :, : height // 2] = True
+    known = images.repeat_interleave(completions_per_image, 0)
+    noise = uniform_noise(num * completions_per_image, channels, height, width, seed)
+    was_training = net.training
+    net.eval()
+    try:
+        completed = generate(
+            net,
+            noise.to(device),
+            num_levels,
+            temperature,
+            method,
+            known=known.to(device),
+            known_mask=known_mask.to(device),
+        ).cpu()
+    finally:
+        net.train(was_training)
+    scale = num_levels - 1
+    originals = images.float() / scale
+    top_half = originals.clone()
+    top_half[:, :, height // 2 :] = 0.5
+    rows = torch.cat(
+        [
+            originals[:, None],
+            top_half[:, None],
+            completed.float().div(scale).view(num, completions_per_image, channels, height, width),
+        ],
+        dim=1,
+    )
+    return make_grid(rows.flatten(0, 1), nrow=2 + completions_per_image, padding=2, pad_value=1.0)
+
+
+class CompletionGrid(L.Callback):
+    """Every ``every_n_epochs`` training epochs, completes the bottom halves of the first ``num_images``
+    validation images given their top halves (``completion_grid``) and logs the grid as ``completions``
+    (W&B / TensorBoard image, else ``<run dir>/completions/epoch_XXX.png``). Skipped for data without a
+    validation split. Global-zero process only."""
+
+    def __init__(
+        self,
+        every_n_epochs: int = 5,
+        num_images: int = 8,
+        completions_per_image: int = 3,
+        temperature: float = 1.0,
+        seed: int = 0,
+        method: str = "cached",
+    ):
+        if every_n_epochs < 1 or num_images < 1 or completions_per_image < 1:
+            raise ValueError(
+                f"completion_grid: every_n_epochs ({every_n_epochs}), num_images ({num_images}) and "
+                f"completions_per_image ({completions_per_image}) must be at least 1; set "
+                f"callbacks.completion_grid=null to turn it off"
+            )
+        check_method(method)
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.completions_per_image = completions_per_image
+        self.temperature = temperature
+        self.seed = seed
+        self.method = method
+        self._images: torch.Tensor | None = None
+
+    def validation_images(self, trainer) -> torch.Tensor | None:
+        """The first ``num_images`` images of the validation split (integer levels), or None without one."""
+        if self._images is None:
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or len(dataset) == 0:
+                return None
+            count = min(self.num_images, len(dataset))
+            self._images = torch.stack([torch.as_tensor(dataset[i]["levels"]) for i in range(count)])
+        return self._images
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epoch = trainer.current_epoch
+        if (epoch + 1) % self.every_n_epochs != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        images = self.validation_images(trainer)
+        if images is None:
+            return
+        grid = completion_grid(
+            pl_module.net,
+            images,
+            pl_module.num_levels,
+            self.completions_per_image,
+            self.seed,
+            self.temperature,
+            self.method,
+        )
+        show_image(trainer, "completions", grid, epoch)
+
+
+class LearningRate(LearningRateMonitor):
+    """Lightning's LearningRateMonitor (keys ``lr-<Optimizer>``, e.g. ``lr-Adam``, every logged step), that
+    stays quiet instead of failing when a run has no logger."""
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        self._active = bool(trainer.loggers)
+        if self._active:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if self._active:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if self._active:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class TrainingSignals(L.Callback):
+    """What people watch while a model trains, logged through every logger:
+
+    - ``train/grad_norm``: the 2-norm of all gradients together, before clipping (Lightning's ``grad_norm``
+      in ``on_before_optimizer_step``, which runs before clipping and after AMP unscaling), at the steps
+      Lightning logs (``trainer.log_every_n_steps``);
+    - ``train/images_per_sec``: training images per second over the epoch, all processes together,
+      validation time excluded;
+    - ``train/epoch_time_s``: wall time of the epoch, validation included;
+    - ``train/peak_gpu_memory_gb``: peak memory allocated on the GPU during the epoch (on CUDA only).
+
+    Lightning's ThroughputMonitor is not used: it reports only once 100 batches fill its window, and logs
+    validation throughput at validation-batch steps, which W&B drops as steps going backwards.
+    """
+
+    def __init__(self):
+        self._epoch_start = 0.0
+        self._train_time = 0.0
+        self._mark: float | None = None  # start of the current stretch of training batches
+        self._batches_since_mark = 0
+        self._images = 0
+
+    @staticmethod
+    def _now(pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # time the work done, not the work queued
+        return time.perf_counter()
+
+    def _close_stretch(self, pl_module) -> None:
+        if self._mark is not None and self._batches_since_mark:
+            self._train_time += self._now(pl_module) - self._mark
+        self._mark, self._batches_since_mark = None, 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._epoch_start = self._mark = self._now(pl_module)
+        self._train_time, self._batches_since_mark, self._images = 0.0, 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._images += len(batch["levels"])
+        self._batches_since_mark += 1
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._close_stretch(pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._mark, self._batches_since_mark = self._now(pl_module), 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not getattr(trainer._logger_connector, "should_update_logs", True):
+            return
+        norms = grad_norm(pl_module, norm_type=2)
+        if norms:
+            pl_module.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._close_stretch(pl_module)
+        epoch_time = self._now(pl_module) - self._epoch_start
+        pl_module.log("train/epoch_time_s", epoch_time, on_step=False, on_epoch=True)
+        if self._train_time > 0:
+            images_per_sec = self._images * trainer.world_size / self._train_time
+            pl_module.log("train/images_per_sec", images_per_sec, on_step=False, on_epoch=True)
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            pl_module.log("train/peak_gpu_memory_gb", peak, on_step=False, on_epoch=True)
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary, with FLOPs that mean something: counted by torch's FlopCounterMode
+    on one example image (zeros of the model's input shape), so ``FLOPs`` is per image and forward pass.
+    When they cannot be counted (a compiled network, an operation the counter refuses) the FLOPs column
+    and total are left out rather than shown as 0."""
+
+    def on_fit_start(self, trainer, pl_module):
+        if not self._max_depth or not trainer.is_global_zero:
+            return
+        summary, flops_counted = self._summary_with_flops(pl_module)
+        data = summary._get_summary_data()
+        if not flops_counted:
+            data = [column for column in data if column[0] != "FLOPs"]
+        print_summary(
+            data,
+            summary.trainable_parameters,
+            summary.total_parameters,
+            summary.model_size,
+            summary.total_training_modes,
+            summary.total_flops if flops_counted else None,
+        )
+
+    def _summary_with_flops(self, pl_module):
+        net = getattr(pl_module, "net", None)
+        compiled = getattr(net, "_compiled_call_impl", None) is not None
+        shape = (1, pl_module.num_channels, pl_module.image_size, pl_module.image_size)
+        if compiled or pl_module.example_input_array is not None:
+            return summarize(pl_module, max_depth=self._max_depth), not compiled
+        pl_module.example_input_array = torch.zeros(shape)
+        try:
+            return summarize(pl_module, max_depth=self._max_depth), True
+        except Exception:  # the counter could not run this network: summarise without an example
+            pl_module.example_input_array = None
+            return summarize(pl_module, max_depth=self._max_depth), False
+        finally:
+            pl_module.example_input_array = None
+
+
+def print_summary(data, trainable, total, size_mb, modes, flops: int | None) -> None:
+    from rich import get_console
+    from rich.table import Table
+
+    table = Table(header_style="bold magenta")
+    for name, _ in data:
+        table.add_column(name, justify="right" if name in ("Params", "FLOPs") else "left", no_wrap=True)
+    for row in zip(*(values for _, values in data), strict=True):
+        table.add_row(*row)
+    console = get_console()
+    console.print(table)
+    grid = Table.grid(expand=True)
+    grid.add_column()
+    grid.add_row(f"[bold]Trainable params[/]: {get_human_readable_count(int(trainable))}")
+    grid.add_row(f"[bold]Non-trainable params[/]: {get_human_readable_count(int(total - trainable))}")
+    grid.add_row(f"[bold]Total params[/]: {get_human_readable_count(int(total))}")
+    grid.add_row(f"[bold]Total estimated model params size (MB)[/]: {get_formatted_model_size(size_mb)}")
+    grid.add_row(f"[bold]Modules in train mode[/]: {modes['train']}")
+    grid.add_row(f"[bold]Modules in eval mode[/]: {modes['eval']}")
+    if flops is not None:
+        grid.add_row(f"[bold]FLOPs per image (forward)[/]: {get_human_readable_count(int(flops))}")
+    console.print(grid)
