@@ -117,11 +117,13 @@ def completion_grid(
     seed: int,
     temperature: float = 1.0,
     method: str = "cached",
+    label: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Completions of the bottom halves of ``images`` (N, C, H, W) given their top halves: a grid (3, H', W')
     with one row per image: original | top half (the unknown half grey) | ``completions_per_image``
     completions. The network is put in eval mode (its mode is restored after); the noise is fixed by
-    ``seed``, so successive epochs complete with the same draws."""
+    ``seed``, so successive epochs complete with the same draws. ``label``: (N,) the images' classes, for
+    a conditional network (None: unconditional)."""
     num, channels, height, width = images.shape
     device = next(net.parameters()).device
     known_mask = torch.zeros(num * completions_per_image, channels, height, width, dtype=torch.bool)
@@ -139,6 +141,7 @@ def completion_grid(
             method,
             known=known.to(device),
             known_mask=known_mask.to(device),
+            label=None if label is None else label.repeat_interleave(completions_per_image).to(device),
         ).cpu()
     finally:
         net.train(was_training)
@@ -161,7 +164,8 @@ class CompletionGrid(L.Callback):
     """Every ``every_n_epochs`` training epochs, completes the bottom halves of the first ``num_images``
     validation images given their top halves (``completion_grid``) and logs the grid as ``completions``
     (W&B / TensorBoard image, else ``<run dir>/completions/epoch_XXX.png``). Skipped for data without a
-    validation split. Global-zero process only."""
+    validation split. A conditional model completes each image given its own class. Global-zero process
+    only."""
 
     def __init__(
         self,
@@ -186,17 +190,21 @@ class CompletionGrid(L.Callback):
         self.seed = seed
         self.method = method
         self._images: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
 
     def validation_images(self, trainer) -> torch.Tensor | None:
-        """The first ``num_images`` images of the validation split (integer levels), or None without one."""
+        """The first ``num_images`` images of the validation split (integer levels, and their classes when
+        the data has them), or None without one."""
         if self._images is None:
             loaders = trainer.val_dataloaders
             loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
             dataset = getattr(loader, "dataset", None)
             if dataset is None or len(dataset) == 0:
                 return None
-            count = min(self.num_images, len(dataset))
-            self._images = torch.stack([torch.as_tensor(dataset[i]["levels"]) for i in range(count)])
+            items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+            self._images = torch.stack([torch.as_tensor(item["levels"]) for item in items])
+            if all("label" in item for item in items):
+                self._labels = torch.tensor([int(item["label"]) for item in items])
         return self._images
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -214,6 +222,7 @@ class CompletionGrid(L.Callback):
             self.seed,
             self.temperature,
             self.method,
+            label=self._labels if getattr(pl_module, "conditional", False) else None,
         )
         show_image(trainer, "completions", grid, epoch)
 
