@@ -106,13 +106,15 @@ def tiny_module(*overrides):
     return build(cfg.model)
 
 
-def test_completion_grid_keeps_the_top_half_and_completes_the_bottom():
+@pytest.mark.parametrize("conditional", [False, True])
+def test_completion_grid_keeps_the_top_half_and_completes_the_bottom(conditional):
     from pixel_models.training.callbacks import completion_grid
 
-    module = tiny_module()
+    module = tiny_module(f"model.conditional={conditional}", "+data.num_classes=10")
     k, size = module.num_levels, module.image_size
     images = torch.randint(0, k, (2, 1, size, size))
-    grid = completion_grid(module.net, images, k, completions_per_image=2, seed=0)
+    label = torch.tensor([3, 7]) if conditional else None
+    grid = completion_grid(module.net, images, k, completions_per_image=2, seed=0, label=label)
     assert module.net.training  # its mode is restored
 
     def tile(row, col):  # make_grid: 2 pixels of padding around every tile
