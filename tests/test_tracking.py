@@ -208,6 +208,7 @@ def test_tensorboard_gets_the_same_scalars_and_images(tmp_path):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/nll_step", "val/nll", "val/bpd", *WATCHED} <= scalars
+    assert "hp_metric" not in scalars  # no -1 placeholder
     assert [len(events.Images(key)) for key in ("samples", "completions")] == [2, 2]
     # the norm is taken before clipping: far above the clipping threshold for an untrained model
     norms = [e.value for e in events.Scalars("train/grad_norm")]

@@ -194,14 +194,23 @@ class CompletionGrid(L.Callback):
 
     def validation_images(self, trainer) -> torch.Tensor | None:
         """The first ``num_images`` images of the validation split (integer levels, and their classes when
-        the data has them), or None without one."""
+        the data has them), or None without one: from the data module's ``splits["val"]`` (and
+        ``labels["val"]``), else from the validation loader's dataset."""
         if self._images is None:
+            count = self.num_images
+            datamodule = getattr(trainer, "datamodule", None)
+            splits = getattr(datamodule, "splits", None)
+            if isinstance(splits, dict) and len(splits.get("val", ())) > 0:
+                self._images = splits["val"][:count].clone()
+                labels = (getattr(datamodule, "labels", None) or {}).get("val")
+                self._labels = None if labels is None else labels[:count].clone()
+                return self._images
             loaders = trainer.val_dataloaders
             loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
             dataset = getattr(loader, "dataset", None)
             if dataset is None or len(dataset) == 0:
                 return None
-            items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+            items = [dataset[i] for i in range(min(count, len(dataset)))]
             self._images = torch.stack([torch.as_tensor(item["levels"]) for item in items])
             if all("label" in item for item in items):
                 self._labels = torch.tensor([int(item["label"]) for item in items])
