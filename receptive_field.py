@@ -66,9 +66,10 @@ def input_gradients(
     return grads
 
 
-def raster_order(channels: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean (C, H, W, C, H, W): input before output; (H, W, H, W): input pixel earlier than output's."""
-    pixel = torch.arange(height * width).view(height, width)
+def raster_order(channels: int, height: int, width: int, order=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (C, H, W, C, H, W): input before output; (H, W, H, W): input pixel earlier than output's.
+    ``order``: each pixel's rank (H, W) in the model's generation order (None: raster order)."""
+    pixel = torch.arange(height * width).view(height, width) if order is None else order
     earlier_pixel = pixel[:, :, None, None] > pixel[None, None, :, :]  # (H, W, H', W')
     same_pixel = pixel[:, :, None, None] == pixel[None, None, :, :]
     colour = torch.arange(channels)
@@ -79,10 +80,10 @@ def raster_order(channels: int, height: int, width: int) -> tuple[torch.Tensor, 
     return before, earlier_pixel
 
 
-def analyse(grads: torch.Tensor) -> dict:
+def analyse(grads: torch.Tensor, order: torch.Tensor | None = None) -> dict:
     channels, height, width = grads.shape[:3]
     seen = grads > 0
-    before, earlier_pixel = raster_order(channels, height, width)
+    before, earlier_pixel = raster_order(channels, height, width, order)
     leaks = (seen & ~before).nonzero().tolist()
     # A pixel is seen by output position (i, j) if some colour of it reaches some colour's output there.
     pixel_seen = seen.any(dim=3).any(dim=0)  # (H, W, H', W')
@@ -100,7 +101,7 @@ def picture(grads: torch.Tensor, result: dict, pixel: tuple[int, int], scale: in
     channels, height, width = grads.shape[:3]
     pi, pj = pixel
     field = grads[:, pi, pj].sum(0).sum(0)  # (H', W'): every colour of the pixel, every input colour
-    before, earlier = raster_order(1, height, width)
+    before, earlier = raster_order(1, height, width, result.get("order"))
     earlier = earlier[pi, pj]
     strength = torch.log1p(field / field[field > 0].min()) if (field > 0).any() else field
     strength = strength / strength.max() if strength.max() > 0 else strength
@@ -158,7 +159,13 @@ def report(cfg: DictConfig) -> int:
     grads = input_gradients(
         model, channels, size, size, int(cfg.batch), int(cfg.seed), int(cfg.images), dtypes[cfg.dtype], device
     )
-    result = analyse(grads)
+    # A model with its own generation order (the Multi-Scale PixelRNN) is judged in that order.
+    generation_order = getattr(model.net, "generation_order", None)
+    order = generation_order(size, size) if generation_order is not None else None
+    if order is not None:
+        print("judged in the model's own generation order (not raster order)")
+    result = analyse(grads, order)
+    result["order"] = order
 
     leaks = result["leaks"]
     if leaks:
@@ -181,10 +188,8 @@ def report(cfg: DictConfig) -> int:
     for c, earlier, ok in result["colours"]:
         print(f"colour {c} {'reads' if ok else 'does NOT read'} colour {earlier} of its own pixel everywhere")
     missed_here = int(count[pixel])
-    print(
-        f"pixel {pixel}: sees {int(pixel[0] * size + pixel[1]) - missed_here} of its "
-        f"{pixel[0] * size + pixel[1]} earlier pixels"
-    )
+    earlier_here = int(raster_order(1, size, size, order)[1][pixel].sum())
+    print(f"pixel {pixel}: sees {earlier_here - missed_here} of its {earlier_here} earlier pixels")
     image = picture(grads, result, pixel, max(4, math.ceil(256 / size)))
     image.save(cfg.output)
     print(f"receptive field of pixel {pixel} written to {cfg.output}")

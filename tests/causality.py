@@ -29,9 +29,13 @@ def input_gradients(net, num_channels: int, height: int, width: int, batch: int 
     return grads
 
 
-def allowed_inputs(num_channels: int, height: int, width: int) -> torch.Tensor:
-    """Boolean (C, H, W, C, H, W): True where input (c', i', j') comes before output (c, i, j)."""
-    pixel = torch.arange(height * width).view(height, width)
+def allowed_inputs(
+    num_channels: int, height: int, width: int, order: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean (C, H, W, C, H, W): True where input (c', i', j') comes before output (c, i, j).
+
+    ``order``: each pixel's rank (H, W) in the model's generation order; None: raster order."""
+    pixel = torch.arange(height * width).view(height, width) if order is None else order
     earlier_pixel = pixel[None, :, :, None, None, None] > pixel[None, None, None, None, :, :]
     same_pixel = pixel[None, :, :, None, None, None] == pixel[None, None, None, None, :, :]
     colour = torch.arange(num_channels)
@@ -40,9 +44,11 @@ def allowed_inputs(num_channels: int, height: int, width: int) -> torch.Tensor:
 
 
 def assert_causal(net, num_channels: int, height: int = 5, width: int = 5) -> torch.Tensor:
-    """Assert no gradient flows from the future; returns the gradients for further checks."""
+    """Assert no gradient flows from the future (in the network's ``generation_order`` where it has one,
+    else raster order); returns the gradients for further checks."""
     grads = input_gradients(net.double(), num_channels, height, width)
-    leaks = (grads > 0) & ~allowed_inputs(num_channels, height, width)
+    order = net.generation_order(height, width) if hasattr(net, "generation_order") else None
+    leaks = (grads > 0) & ~allowed_inputs(num_channels, height, width, order)
     assert not leaks.any(), (
         f"future inputs reach outputs at (c, i, j, c', i', j') = {leaks.nonzero()[:5].tolist()}"
     )

@@ -32,6 +32,19 @@ ARCHITECTURE_SETTINGS = {
     "pixelcnn": {"net": {"hidden": 12, "num_layers": 2, "output_hidden": 48}},
     "row_lstm": {"net": {"hidden": 12, "num_layers": 2, "output_hidden": 48}},
     "diag_bilstm": {"net": {"hidden": 12, "num_layers": 2, "output_hidden": 48}},
+    # Subsampling by 2: the small image is every other pixel of every other row.
+    "multiscale": {
+        "net": {
+            "base": "row_lstm",
+            "image_size": 4,
+            "small_size": 2,
+            "hidden": 12,
+            "num_layers": 2,
+            "output_hidden": 48,
+        },
+        "sizes": [(4, 4), (4, 6), (6, 8), (2, 2)],
+        "causal_size": (4, 6),
+    },
 }
 # Each architecture may name sizes it supports (default below) and output distributions / channel counts it
 # refuses, with the message it must refuse them with.
@@ -65,6 +78,10 @@ def small_net(arch: str, dist: str, channels: int, num_classes: int = 0, setting
     )
 
 
+def causal_size(arch: str) -> tuple[int, int]:
+    return ARCHITECTURE_SETTINGS[arch].get("causal_size", (5, 5))
+
+
 def sizes_of(arch: str, settings=None) -> list[tuple[int, int]]:
     return (settings or ARCHITECTURE_SETTINGS[arch]).get("sizes", DEFAULT_SIZES)
 
@@ -95,12 +112,12 @@ def test_every_architecture_has_a_model_config(arch):
 # The checks, as functions, so that a test can run them on an architecture it registers itself
 
 
-def check_causal(net, channels: int, train_mode: bool, label=None) -> None:
+def check_causal(net, channels: int, train_mode: bool, label=None, size=(5, 5)) -> None:
     net.train(train_mode)
     if label is None:
-        assert_causal(net, channels)
+        assert_causal(net, channels, *size)
     else:
-        assert_causal(_WithLabel(net, label), channels)
+        assert_causal(_WithLabel(net, label), channels, *size)
 
 
 class _WithLabel(torch.nn.Module):
@@ -109,15 +126,17 @@ class _WithLabel(torch.nn.Module):
     def __init__(self, net, label):
         super().__init__()
         self.net, self.label, self.distribution = net, label, net.distribution
+        if hasattr(net, "generation_order"):
+            self.generation_order = net.generation_order
 
     def forward(self, x):
         label = self.label.expand(len(x)) if self.label.numel() == 1 else self.label
         return self.net(x, label)
 
 
-def check_label_reaches_every_subpixel(net, channels: int) -> None:
+def check_label_reaches_every_subpixel(net, channels: int, size=(4, 6)) -> None:
     net = net.double().eval()
-    x = torch.rand(2, channels, 4, 5, dtype=torch.float64)
+    x = torch.rand(2, channels, *size, dtype=torch.float64)
     with torch.no_grad():
         outputs = [logits_of(net, x, torch.full((2,), c, dtype=torch.long)) for c in range(NUM_CLASSES)]
         unconditional = logits_of(net, x)
@@ -190,7 +209,7 @@ def skip_refused(arch, dist, channels, refused):
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_causal(arch, dist, channels, refused, train_mode):
     skip_refused(arch, dist, channels, refused)
-    check_causal(small_net(arch, dist, channels), channels, train_mode)
+    check_causal(small_net(arch, dist, channels), channels, train_mode, size=causal_size(arch))
 
 
 @pytest.mark.parametrize("arch, dist, channels, refused", combinations())
@@ -199,8 +218,8 @@ def test_conditional_is_causal_in_the_image_and_the_label_reaches_every_subpixel
 ):
     skip_refused(arch, dist, channels, refused)
     net = small_net(arch, dist, channels, num_classes=NUM_CLASSES)
-    check_causal(net, channels, train_mode=True, label=torch.tensor([1]))
-    check_label_reaches_every_subpixel(net, channels)
+    check_causal(net, channels, train_mode=True, label=torch.tensor([1]), size=causal_size(arch))
+    check_label_reaches_every_subpixel(net, channels, sizes_of(arch)[1])
 
 
 @pytest.mark.parametrize("arch, dist, channels, refused", combinations())
@@ -215,7 +234,7 @@ def test_cached_sampling_equals_naive(arch, dist, channels, refused, conditional
     skip_refused(arch, dist, channels, refused)
     net = small_net(arch, dist, channels, num_classes=NUM_CLASSES if conditional else 0)
     label = torch.tensor([0, 2, NUM_CLASSES]) if conditional else None  # NUM_CLASSES: "no label"
-    size = [s for s in sizes_of(arch) if min(s) > 1][0]
+    size = [s for s in sizes_of(arch) if min(s) > 2][0]
     check_cached_equals_naive(net, channels, size, label)
 
 

@@ -72,17 +72,24 @@ class PixelCNN(nn.Module):
             2 * hidden, output_hidden, num_channels, self.distribution, num_output_layers
         )
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] -> the distribution's parameters (B, P, H, W)."""
+    def forward(
+        self, x: torch.Tensor, label: torch.Tensor | None = None, condition: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> the distribution's parameters (B, P, H, W). ``condition``: maps
+        (B, 2h, H, W) added to the first layer's output and to each layer's input (Multi-Scale PixelRNN)."""
         check_input(x, self.num_channels)
         index = class_index(label, len(x), self.num_classes, x.device)
         h = self.first(x)
         if self.first_bias is not None:
             h = h + self.first_bias(index)[:, :, None, None]
-        return self.output(self.stack(h, index))
+        if condition is not None:
+            h = h + condition[0]
+        return self.output(self.stack(h, index, condition=None if condition is None else condition[1:]))
 
-    def cached_stepper(self, label: torch.Tensor | None = None) -> "CachedPixelCNNStepper":
-        return CachedPixelCNNStepper(self, label)
+    def cached_stepper(
+        self, label: torch.Tensor | None = None, condition: list[torch.Tensor] | None = None
+    ) -> "CachedPixelCNNStepper":
+        return CachedPixelCNNStepper(self, label, condition)
 
 
 class ResidualBlockAtPosition:
@@ -129,8 +136,14 @@ class CachedPixelCNNStepper:
     them; the caches start over at (0, 0, colour 0). The weights are copied when the stepper is made.
     """
 
-    def __init__(self, net: PixelCNN, label: torch.Tensor | None = None):
+    def __init__(
+        self, net: PixelCNN, label: torch.Tensor | None = None, condition: list[torch.Tensor] | None = None
+    ):
         self.first = net.first.at_position()
+        # Condition maps channels last, so that a pixel's values are one contiguous (L + 1, B, 2h) slice.
+        self.condition = (
+            None if condition is None else torch.stack(condition).permute(0, 1, 3, 4, 2).contiguous()
+        )
         self.first_bias_table = net.first_bias
         self.num_classes = net.num_classes
         self.label = label
@@ -150,5 +163,10 @@ class CachedPixelCNNStepper:
         h = self.first.features(x, i, j)
         if self.first_bias is not None:
             h = h + self.first_bias
-        h = stack_at_position(self.stack, h, self.blocks, i, j)
+        condition = None if self.condition is None else self.condition[:, :, i, j]
+        if condition is not None:
+            h = h + condition[0]
+        h = stack_at_position(
+            self.stack, h, self.blocks, i, j, condition=None if condition is None else condition[1:]
+        )
         return self.output(h)

@@ -64,6 +64,9 @@ class ResidualSkipStack(nn.Module):
     layer's last 1x1 convolution) is summed into the output layers' input; without skips the output
     layers read the last layer's result. ``context`` is passed to every layer unchanged (the Diagonal
     BiLSTM's right-to-left direction reads the image; conditional networks pass the class index).
+    ``condition``: one map (B, 2h, H, W) per layer, added to that layer's input (not to the residual path):
+    how the Multi-Scale PixelRNN's conditional network is biased by the small image, so that the map reaches
+    every layer's input-to-state term.
     """
 
     def __init__(self, layers: list[nn.Module], residual: bool = True, skip: bool = True):
@@ -72,25 +75,28 @@ class ResidualSkipStack(nn.Module):
         self.residual = residual
         self.skip = skip
 
-    def forward(self, h: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, *context, condition: list[torch.Tensor] | None = None) -> torch.Tensor:
         skip_sum = torch.zeros_like(h) if self.skip and len(self.layers) else None
-        for layer in self.layers:
-            out = layer(h, *context)
+        for n, layer in enumerate(self.layers):
+            out = layer(h if condition is None else h + condition[n], *context)
             h = h + out if self.residual else out
             if skip_sum is not None:
                 skip_sum = skip_sum + out
         return h if skip_sum is None else skip_sum
 
 
-def stack_at_position(stack: ResidualSkipStack, h: torch.Tensor, layer_steps, *context) -> torch.Tensor:
+def stack_at_position(
+    stack: ResidualSkipStack, h: torch.Tensor, layer_steps, *context, condition: list | None = None
+) -> torch.Tensor:
     """``stack.forward`` at one pixel (cached sampling), with the same residual and skip connections.
 
     ``h``: the stack's input (B, 2h) at the pixel; ``layer_steps``: one callable per layer of the stack,
-    ``step(h, *context) -> (B, 2h)``, giving that layer's output at the pixel.
+    ``step(h, *context) -> (B, 2h)``, giving that layer's output at the pixel; ``condition``: each layer's
+    condition map at the pixel (B, 2h), or None.
     """
     skip_sum = None
-    for step in layer_steps:
-        out = step(h, *context)
+    for n, step in enumerate(layer_steps):
+        out = step(h if condition is None else h + condition[n], *context)
         h = h + out if stack.residual else out
         if stack.skip:
             skip_sum = out if skip_sum is None else skip_sum + out

@@ -41,12 +41,15 @@ def categorical_from_uniform(logits: torch.Tensor, u: torch.Tensor, temperature:
 class NaiveStepper:
     """The reference: a full network pass per sub-pixel."""
 
-    def __init__(self, net: torch.nn.Module, label: torch.Tensor | None = None):
+    def __init__(self, net: torch.nn.Module, label: torch.Tensor | None = None, condition=None):
         self.net = net
         self.label = label
+        self.condition = condition
 
     def params(self, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
-        return self.net(x, self.label)[:, :, i, j]
+        if self.condition is None:
+            return self.net(x, self.label)[:, :, i, j]
+        return self.net(x, self.label, self.condition)[:, :, i, j]
 
 
 def check_method(method: str) -> None:
@@ -54,14 +57,15 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown sampling method {method!r}; choose cached or naive")
 
 
-def make_stepper(net: torch.nn.Module, method: str, label: torch.Tensor | None = None):
-    """``method``: cached (the network's ``cached_stepper(label)``) or naive (the reference)."""
+def make_stepper(net: torch.nn.Module, method: str, label: torch.Tensor | None = None, condition=None):
+    """``method``: cached (the network's ``cached_stepper(label)``) or naive (the reference).
+    ``condition``: per-layer condition maps (the Multi-Scale PixelRNN's conditional network), or None."""
     check_method(method)
     if method == "naive":
-        return NaiveStepper(net, label)
+        return NaiveStepper(net, label, condition)
     if not callable(getattr(net, "cached_stepper", None)):
         raise ValueError(f"{type(net).__name__} has no cached sampler; use method=naive")
-    return net.cached_stepper(label)
+    return net.cached_stepper(label) if condition is None else net.cached_stepper(label, condition)
 
 
 def step_logits(net: torch.nn.Module, stepper, x: torch.Tensor, i: int, j: int, c: int) -> torch.Tensor:
@@ -92,6 +96,7 @@ def generate(
     known_mask: torch.Tensor | None = None,
     on_row: Callable[[int], None] | None = None,
     label: torch.Tensor | None = None,
+    condition: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Generate images of integer levels (B, C, H, W).
 
@@ -102,6 +107,9 @@ def generate(
     finished row (progress bars). ``label``: (B,) classes for a conditional network (None: unconditional).
     The network should be in eval mode.
     """
+    own_order = getattr(net, "generate_levels", None)
+    if callable(own_order):
+        return own_order(noise, num_levels, temperature, method, known, known_mask, on_row, label)
     batch, channels, height, width = noise.shape
     if (known is None) != (known_mask is None):
         raise ValueError("completion needs both known and known_mask")
@@ -112,7 +120,7 @@ def generate(
         )
     if label is not None:
         label = label.to(noise.device).long()
-    stepper = make_stepper(net, method, label)
+    stepper = make_stepper(net, method, label, condition)
     levels = torch.zeros(noise.shape, dtype=torch.long, device=noise.device)
     x = torch.zeros(noise.shape, dtype=next(net.parameters()).dtype, device=noise.device)
     if known is not None:
