@@ -11,8 +11,10 @@
     python train.py -m hparams_search=optuna          # Optuna search (pip install -e .[optuna])
     python train.py -m hydra/launcher=submitit_slurm trainer=ddp ...   # on SLURM (pip install -e .[slurm])
 
-Returns the value of ``optimized_metric`` (best validation NLL) so Hydra sweepers can minimise it, and
-writes every final metric to ``<run dir>/metrics.json``.
+Returns the value of ``optimized_metric`` (the best checkpoint's validation NLL) so Hydra sweepers can
+minimise it, and writes every final metric to ``<run dir>/metrics.json``, each saying whose it is:
+``val/*``, ``best/*`` and ``test/*`` belong to the best checkpoint (``best/checkpoint``, ``best/epoch``),
+``last/*`` to the last validation and the last epoch's training batches.
 """
 
 import logging
@@ -38,6 +40,7 @@ from pixel_models.training.checkpoint import (
     load_checkpoint,
     load_module,
     module_from_checkpoint,
+    stored_val_result,
 )
 from pixel_models.training.faults import AtomicCheckpointIO, FaultHandling
 from pixel_models.training.launching import in_multirun, refuse_relaunching_ddp
@@ -118,27 +121,21 @@ def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:
 
 
 def run_stages(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt: dict | None) -> float | None:
-    checkpointing = trainer.checkpoint_callback
-    metrics: dict[str, float] = {}
+    metrics: dict = {"params": sum(p.numel() for p in model.parameters())}
     best = cfg.ckpt_path
     if cfg.train:
         # weights_only=True: Lightning reads the resumed checkpoint without unpickling code.
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if checkpointing is not None:
-            best = checkpointing.best_model_path or checkpointing.last_model_path or None
-            if trainer.is_global_zero:
-                log.info(f"best checkpoint: {best}")
-            score = best_score(checkpointing)
-            if score is not None:
-                metrics[checkpointing.monitor] = score
+        best, fitted = fit_results(trainer, model, datamodule)
+        metrics.update(fitted)
     else:
         if trainer.is_global_zero:
             log.info(
                 f"evaluating {cfg.ckpt_path} (trained {ckpt.get('global_step', '?')} steps) on whole splits"
             )
         trainer.validate(model, datamodule=datamodule)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        metrics.update(split_metrics(trainer, model, "val"))
+        metrics.update(checkpoint=cfg.ckpt_path, epoch=ckpt.get("epoch"), global_step=ckpt.get("global_step"))
 
     if cfg.test:
         if not datamodule.has_test_split():
@@ -152,14 +149,11 @@ def run_stages(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt: dic
             except Exception:
                 log.error(f"the test stage failed; the checkpoint is kept at {best}")
                 raise
-            metrics.update(
-                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-            )
-
-    # Exact (float64) split results where this process computed them; logged metrics are float32.
-    for stage, result in getattr(model, "split_results", {}).items():
-        if stage == "test" or not cfg.train:  # in training, val/nll is the best epoch's (the checkpoint's)
-            metrics.update({f"{stage}/{k}": float(v) for k, v in result.items()})
+            metrics.update(split_metrics(trainer, model, "test"))
+            if cfg.train:  # the test result is the best checkpoint's
+                metrics.update(
+                    {f"test/{k}": metrics.get(f"best/{k}") for k in ("checkpoint", "epoch", "global_step")}
+                )
 
     if cfg.final_samples and best and trainer.is_global_zero:
         final = load_module(best)
@@ -170,17 +164,85 @@ def run_stages(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt: dic
         log.info(f"samples written to {Path(cfg.output_dir) / 'samples.png'}")
 
     if trainer.is_global_zero:
-        report(
-            metrics,
-            cfg.get("output_dir"),
-            {
-                "checkpoint": best,
-                # (a ddp_spawn parent never trains itself: its own count stays 0)
-                "global_step": (trainer.global_step or None) if cfg.train else ckpt.get("global_step"),
-                "world_size": trainer.world_size,
-            },
-        )
+        report(metrics, cfg.get("output_dir"), {"world_size": trainer.world_size})
+    if cfg.optimized_metric not in metrics and trainer.is_global_zero:
+        log.warning(f"optimized_metric={cfg.optimized_metric} was not measured: this run returns None")
     return metrics.get(cfg.optimized_metric)
+
+
+def split_metrics(trainer: L.Trainer, model, stage: str) -> dict:
+    """``<stage>/nll``, ``/bpd``, ``/num_images``: exact (float64) where this process computed them, else
+    the logged (float32) values (a ddp_spawn parent only gets those back)."""
+    result = getattr(model, "split_results", {}).get(stage)
+    if result is None:
+        result = {
+            k: float(trainer.callback_metrics[f"{stage}/{k}"])
+            for k in ("nll", "bpd", "num_images")
+            if f"{stage}/{k}" in trainer.callback_metrics
+        }
+    return {f"{stage}/{k}": result[k] for k in ("nll", "bpd", "num_images") if k in result}
+
+
+def fit_results(trainer: L.Trainer, model, datamodule) -> tuple[str | None, dict]:
+    """After fit: the best checkpoint's path and metrics that say which weights each belongs to.
+
+    ``best/*`` and the unprefixed ``val/*`` (what sweeps optimise): the best checkpoint's exact validation
+    result, read back from its file, where the module stored it at validation time (re-evaluated when the
+    file holds none for its own step); ``last/*``: the last validation of the run and the mean training
+    NLL of its last epoch; ``global_step`` and ``epochs``: how far training went.
+    """
+    checkpointing = trainer.checkpoint_callback
+    last_val = dict(getattr(model, "split_results", {}).get("val") or {})
+    last_path = (checkpointing.last_model_path or None) if checkpointing is not None else None
+    if not last_val and last_path and os.path.isfile(last_path):  # a ddp_spawn parent fitted nothing itself
+        last_val = stored_val_result(load_checkpoint(last_path)) or {}
+    metrics: dict = {
+        "global_step": trainer.global_step or None,  # (a ddp_spawn parent never trains itself: 0)
+        "epochs": trainer.current_epoch,  # completed
+    }
+
+    best = None
+    if checkpointing is not None:
+        best = checkpointing.best_model_path or checkpointing.last_model_path or None
+    if best is None:  # no checkpoints: the weights in memory are the result
+        best_val = last_val or None
+    else:
+        if trainer.is_global_zero:
+            log.info(f"best checkpoint: {best}")
+        best_ckpt = load_checkpoint(best)
+        best_val = stored_val_result(best_ckpt)
+        if best_val is None:
+            trainer.validate(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            result = getattr(model, "split_results", {}).get("val")
+            if result is not None:
+                best_val = {
+                    **result,
+                    "epoch": best_ckpt.get("epoch"),
+                    "global_step": best_ckpt.get("global_step"),
+                }
+    metrics["checkpoint"] = metrics["best/checkpoint"] = best
+    if best_val:
+        metrics.update({"best/epoch": best_val.get("epoch"), "best/global_step": best_val.get("global_step")})
+        for k in ("nll", "bpd", "num_images"):
+            metrics[f"best/val/{k}"] = metrics[f"val/{k}"] = best_val[k]
+    else:
+        score = best_score(checkpointing)  # float32, as monitored; no bits/dim to pair it with
+        if score is not None:
+            metrics[checkpointing.monitor] = score
+
+    # last.ckpt holds the last validation's weights only if it was written then (Lightning 2.6 writes it
+    # only together with a new best checkpoint): name it only when it does.
+    last_ckpt = load_checkpoint(last_path) if last_path and os.path.isfile(last_path) else None
+    if last_ckpt is not None and last_val and last_ckpt.get("global_step") == last_val.get("global_step"):
+        metrics["last/checkpoint"] = last_path
+    else:
+        metrics["last/checkpoint"] = None
+    if last_val:
+        metrics.update({"last/epoch": last_val.get("epoch"), "last/global_step": last_val.get("global_step")})
+        metrics.update({f"last/val/{k}": last_val[k] for k in ("nll", "bpd", "num_images")})
+    if "train/nll_epoch" in trainer.callback_metrics:
+        metrics["last/train/nll"] = float(trainer.callback_metrics["train/nll_epoch"])
+    return best, metrics
 
 
 if __name__ == "__main__":

@@ -106,3 +106,21 @@ def best_score(checkpointing) -> float | None:
             if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None:
                 return float(state["best_model_score"])
     return None
+
+
+def stored_val_result(ckpt: dict) -> dict | None:
+    """The exact validation result a checkpoint's own weights got while training, or None.
+
+    ``AutoregressiveModule`` writes its last validation result into every checkpoint; it belongs to these
+    weights only when it was computed at the checkpoint's step (a checkpoint written between
+    validations, e.g. on SIGTERM, carries an older one). Values are checked: the file is untrusted.
+    """
+    result = (ckpt.get("split_results") or {}).get("val")
+    if not isinstance(result, dict):
+        return None
+    numbers = {k: result.get(k) for k in ("nll", "bpd", "num_images", "epoch", "global_step")}
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values()):
+        return None
+    if numbers["global_step"] != ckpt.get("global_step"):
+        return None
+    return numbers

@@ -12,7 +12,10 @@ then carry ``label``); ``label_dropout`` replaces a training image's label by "n
 probability, so the same model also samples unconditionally.
 
 Logged: ``train/nll``, ``val/nll`` and ``test/nll`` in nats per image, ``val/bpd`` and ``test/bpd``
-in bits per sub-pixel.
+in bits per sub-pixel. The exact (float64) result of each validation during training, with the epoch and
+step it was computed at, is kept in ``split_results["val"]`` and written into every checkpoint as
+``checkpoint["split_results"]``, so the best checkpoint's exact NLL can be read back from its file
+(``checkpoint.stored_val_result``).
 """
 
 import math
@@ -100,7 +103,8 @@ class AutoregressiveModule(L.LightningModule):
         self.image_size = image_size
         self._split_nll: SplitNLL | None = None
         # The last validation / test result per stage, in float64 (logged metrics are float32):
-        # {"val": {"nll": nats per image, "bpd": bits per sub-pixel, "num_images": int}, ...}
+        # {"val": {"nll": nats per image, "bpd": bits per sub-pixel, "num_images": int}, ...}; while
+        # fitting also "epoch" (0-based, as in checkpoint names) and "global_step" of that validation.
         self.split_results: dict[str, dict[str, float]] = {}
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,12 +160,25 @@ class AutoregressiveModule(L.LightningModule):
         nats = split.mean()
         dims = self.num_channels * self.image_size**2
         bpd = bits_per_dim(nats, dims)
-        self.split_results[stage] = {"nll": nats, "bpd": bpd, "num_images": split.num_seen}
+        result = {"nll": nats, "bpd": bpd, "num_images": split.num_seen}
+        trainer = self.trainer
+        if trainer.state.fn == "fit":
+            # a sanity check sees a few batches only: it is no result of these weights
+            if trainer.sanity_checking:
+                self._split_nll = None
+                return
+            result.update(epoch=trainer.current_epoch, global_step=trainer.global_step)
+        self.split_results[stage] = result
         # Values are already reduced over processes: log them as they are on every rank.
         self.log(f"{stage}/nll", nats, prog_bar=True, sync_dist=False)
         self.log(f"{stage}/bpd", bpd, sync_dist=False)
         self.log(f"{stage}/num_images", float(split.num_seen), sync_dist=False)
         self._split_nll = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain numbers only (weights_only loading). The step says which weights a result belongs to: a
+        # checkpoint written between validations carries an older result, with the older step.
+        checkpoint["split_results"] = {k: dict(v) for k, v in self.split_results.items() if k == "val"}
 
     def on_validation_epoch_start(self):
         self._start_split(self.trainer.val_dataloaders)
