@@ -63,25 +63,32 @@ def save_levels(path: Path, levels: torch.Tensor, **extra: torch.Tensor) -> None
 # Completion inputs: the images and which of their pixels are known
 
 
-def dataset_images(ckpt_path: str, split: str, num_images: int, data_dir: str | None) -> torch.Tensor:
-    """The first ``num_images`` images (N, C, H, W) of ``split`` of the checkpoint's own dataset."""
-    data_config = load_checkpoint(ckpt_path).get("data_config")
+def checkpoint_datamodule(ckpt: dict, ckpt_path: str, split: str, data_dir: str | None, **overrides):
+    """The checkpoint's own data module (from its ``data_config``), set up so that ``split`` is loaded."""
+    data_config = ckpt.get("data_config")
     if not data_config:
         raise CheckpointError(
             f"{ckpt_path} holds no data_config (not written by train.py); pass image=<file.png> instead"
         )
     if split not in SPLIT_STAGES:
         raise ValueError(f"unknown split {split!r}; choose train, val or test")
-    overrides = {}
     if data_dir is not None:
         if "data_dir" not in data_config:
             raise ValueError(f"the checkpoint's dataset ({data_config.get('_target_')}) takes no data_dir")
         overrides["data_dir"] = data_dir
     datamodule = instantiate(data_config, **overrides)
     datamodule.prepare_data()  # fetches missing files, as training did, or says where to put them
+    if split == "test" and not datamodule.has_test_split():
+        raise ValueError("the checkpoint's dataset has no test split here; use split=val")
     datamodule.setup(SPLIT_STAGES[split])
     if split not in datamodule.splits:
         raise ValueError(f"the checkpoint's dataset has no {split} split here")
+    return datamodule
+
+
+def dataset_images(ckpt_path: str, split: str, num_images: int, data_dir: str | None) -> torch.Tensor:
+    """The first ``num_images`` images (N, C, H, W) of ``split`` of the checkpoint's own dataset."""
+    datamodule = checkpoint_datamodule(load_checkpoint(ckpt_path), ckpt_path, split, data_dir)
     return datamodule.splits[split][:num_images].long()
 
 

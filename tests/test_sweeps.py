@@ -34,6 +34,18 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path):
         assert f"model.net.hidden={hidden}" in yaml.safe_load(
             (sweep / job / ".hydra" / "overrides.yaml").read_text()
         )
+    # the results table reads the same folders: one row per job, the model and data its config chose
+    from pixel_models.results import collect
+
+    rows, problems = collect([sweep])
+    assert [(r["run"], r["model"], r["data"]) for r in rows] == [
+        ("0", "pixelcnn", "digits"),
+        ("1", "pixelcnn", "digits"),
+    ]
+    assert (
+        rows[1]["val_nll"] == json.loads((sweep / "1" / "metrics.json").read_text())["val/nll"]
+        and not problems
+    )
 
 
 @pytest.mark.skipif(

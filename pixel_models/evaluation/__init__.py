@@ -1,0 +1,1 @@
+"""Evaluating a trained model on a whole split: exact NLL per image and per sub-pixel, and pictures of it."""
