@@ -97,6 +97,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "global_step": ckpt.get("global_step"),
         "params": sum(p.numel() for p in module.parameters()),
         "data": ckpt["data_config"].get("_target_"),
+        "conditional": bool(getattr(module, "conditional", False)),  # then NLL is -log p(x | label)
         "split": split,
         f"{split}/nll": result.mean_nll,
         f"{split}/bpd": result.bpd,

@@ -10,8 +10,9 @@ stay text, nothing is resolved, instantiated or imported. Prints a Markdown tabl
 
 Columns: the run folder, model and data (the config choices), steps and epochs trained, parameters, the
 best checkpoint's epoch, validation NLL (nats per image) and bits/dim, test NLL and bits/dim (of the same
-checkpoint), and the checkpoint's path. A ``metrics.json`` written before numbers were labelled by
-checkpoint (whose ``val/bpd`` may be another epoch's than ``val/nll``) is marked in ``note``.
+checkpoint), and the checkpoint's path (relative to the run folder when inside it). A ``metrics.json``
+written before numbers were labelled by checkpoint (whose ``val/bpd`` may be another epoch's than
+``val/nll``) is marked in ``note``.
 """
 
 import argparse
@@ -68,6 +69,16 @@ def _number(value):
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _inside(path, run_dir: Path):
+    """A checkpoint path relative to its run folder when it lies inside it (tables stay readable)."""
+    if not isinstance(path, str):
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(run_dir.resolve()))
+    except (ValueError, OSError):
+        return path
+
+
 def run_row(metrics_path: Path, root: Path) -> dict:
     """One table row from a run's ``metrics.json`` and its Hydra config."""
     metrics = json.loads(metrics_path.read_text())
@@ -94,7 +105,7 @@ def run_row(metrics_path: Path, root: Path) -> dict:
         "val_bpd": _number(metrics.get("val/bpd")),
         "test_nll": _number(metrics.get("test/nll")),
         "test_bpd": _number(metrics.get("test/bpd")),
-        "checkpoint": metrics.get("best/checkpoint", metrics.get("checkpoint")),
+        "checkpoint": _inside(metrics.get("best/checkpoint", metrics.get("checkpoint")), run_dir),
         "note": "",
     }
     # bits/dim must be the same measurement as the NLL: nll / (C H W ln 2)

@@ -20,9 +20,11 @@ from pixel_models.training.module import AutoregressiveModule
 BINARIZED_MNIST = ROOT.parent.parent / "shared" / "data"  # /work/shared/data on the project's machine
 
 
-def small_module(channels=3, levels=4, size=5):
+def small_module(channels=3, levels=4, size=5, **kwargs):
     net = {"arch": "pixelcnn", "hidden": 8, "num_layers": 2, "output_hidden": 8}
-    return AutoregressiveModule(net, num_channels=channels, num_levels=levels, image_size=size).eval()
+    return AutoregressiveModule(
+        net, num_channels=channels, num_levels=levels, image_size=size, **kwargs
+    ).eval()
 
 
 def reference_nll(module, levels):
@@ -78,6 +80,12 @@ def test_split_evaluation_counts_each_image_once_in_any_order():
     highest, lowest = result.extremes(3)
     ranked = torch.argsort(expected.sum((1, 2, 3)))
     assert highest.tolist() == ranked.flip(0)[:3].tolist() and lowest.tolist() == ranked[:3].tolist()
+
+    # a conditional model is evaluated given each image's label: -log p(x | label), as in training
+    conditional = small_module(3, conditional=True, num_classes=3)
+    given = evaluate_split(conditional, loader, 7, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(given.nll, conditional.nll(images, labels).double(), rtol=1e-5, atol=1e-4)
 
     with pytest.raises(RuntimeError, match="exactly once"):
         evaluate_split(module, loader[:2], 7, torch.device("cpu"))

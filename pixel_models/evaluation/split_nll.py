@@ -1,9 +1,9 @@
 """Per-image and per-sub-pixel NLL of a model over a whole split, exact and counted once per image.
 
-The per-sub-pixel NLL comes from the contract every module keeps: ``forward`` returns logits over the K
-levels, (B, K, C, H, W). ``log_softmax`` over K then ``gather`` at the true level gives -log p of each
-sub-pixel given everything before it; it is exact for any output distribution that returns its log
-probabilities as these logits (``log_softmax`` of log probabilities is the identity).
+The per-sub-pixel NLL is the module's output distribution's (``distribution.nll_per_subpixel``), the
+same arithmetic as the training loss; a module without one is read through the contract every module
+keeps, ``forward`` -> logits over the K levels (B, K, C, H, W): ``log_softmax`` over K, gathered at the
+true level. A conditional model is evaluated given each image's label: -log p(x | label).
 """
 
 import math
@@ -12,9 +12,13 @@ from dataclasses import dataclass
 import torch
 
 
-def subpixel_nll(module, levels: torch.Tensor) -> torch.Tensor:
+def subpixel_nll(module, levels: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
     """-log p in nats of every sub-pixel: integer levels (B, C, H, W) -> float32 (B, C, H, W)."""
-    logits = module(module.to_input(levels))
+    x = module.to_input(levels)
+    distribution = getattr(module, "distribution", None)
+    if hasattr(distribution, "nll_per_subpixel"):
+        return distribution.nll_per_subpixel(module.net(x, label), levels).float()
+    logits = module(x, label) if label is not None else module(x)
     log_probs = torch.log_softmax(logits.float(), dim=1)
     return -log_probs.gather(1, levels.long().unsqueeze(1)).squeeze(1)
 
@@ -74,8 +78,10 @@ def evaluate_split(module, loader, num_images: int, device: torch.device, on_bat
     bits_sum = None
     module.eval()
     for batch in loader:
-        levels, index = batch["levels"].to(device), batch["index"].long()
-        per_subpixel = subpixel_nll(module, levels).double().cpu()
+        levels, index = batch["levels"].to(device), torch.as_tensor(batch["index"]).long()
+        label = module.batch_label(batch) if hasattr(module, "batch_label") else None
+        label = torch.as_tensor(label).to(device) if label is not None else None
+        per_subpixel = subpixel_nll(module, levels, label).double().cpu()
         nll[index] = per_subpixel.flatten(1).sum(1)
         seen.index_add_(0, index, torch.ones_like(index))
         if batch.get("label") is not None:
