@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig) -> dict:
     check_settings(cfg)
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(cfg.ckpt_path)  # weights_only=True
-    if not ckpt.get("data_config"):
+    if not ckpt.get("data_config") or not isinstance(ckpt["data_config"], dict):
         raise CheckpointError(
             f"{cfg.ckpt_path} holds no data_config (not written by train.py): its dataset is unknown"
         )
