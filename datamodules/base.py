@@ -1,8 +1,10 @@
 """What every data module shares: declared facts, the dict batches, and atomic downloads.
 
-Each split is held whole in memory as a uint8 tensor (N, C, H, W) of levels in {0..K-1}. A batch is a dict:
-``levels`` (B, C, H, W) uint8, ``index`` (B,) int64, the position of each image within its split, and, for
-data with classes, ``label`` (B,) int64 in {0..num_classes-1}.
+A split is either held whole in memory as a uint8 tensor (N, C, H, W) of levels in {0..K-1}, or, for data
+too large for memory (downsampled ImageNet 64x64), a :class:`MemmapImages` dataset that reads each image
+from a uint8 .npy file on disk. A batch is a dict: ``levels`` (B, C, H, W) uint8, ``index`` (B,) int64,
+the position of each image within its split, and, for data with classes, ``label`` (B,) int64 in
+{0..num_classes-1}.
 """
 
 import os
@@ -11,8 +13,9 @@ import tempfile
 from collections.abc import Callable
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 
 class IndexedImages(Dataset):
@@ -35,6 +38,88 @@ class IndexedImages(Dataset):
         return item
 
 
+class MemmapImages(Dataset):
+    """Item i is image ``rows[i]`` of a uint8 .npy file of shape (N, C, H, W), read from disk when asked for,
+    as a dict like :class:`IndexedImages` gives (``index`` is i, the position within this split).
+
+    Each item is one positioned read (``os.pread``) rather than a view of a memory map: pages of a map
+    that a worker has touched count towards its resident memory until the kernel needs them back, so
+    iterating a 15 GB file through a map shows a resident size of 15 GB; reads keep it at a few batches.
+    The file descriptor is opened lazily in each process, so the dataset works in DataLoader workers
+    (forked or spawned).
+    """
+
+    def __init__(self, path: str, rows: np.ndarray | None = None, labels: torch.Tensor | None = None):
+        self.path = path
+        self.shape, self.offset = read_npy_header(path, np.uint8, ndim=4)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        size = self.shape[0] if self.rows is None else len(self.rows)
+        if (
+            self.rows is not None
+            and len(self.rows)
+            and not 0 <= self.rows.min() <= self.rows.max() < self.shape[0]
+        ):
+            raise ValueError(f"{path}: rows outside 0..{self.shape[0] - 1}")
+        if labels is not None and len(labels) != size:
+            raise ValueError(f"{len(labels)} labels for {size} images")
+        self.labels = labels
+        self.item_shape = tuple(self.shape[1:])
+        self.item_bytes = int(np.prod(self.item_shape))
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.rows is None else len(self.rows)
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own descriptor
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def read(self, i: int) -> torch.Tensor:
+        row = i if self.rows is None else int(self.rows[i])
+        data = os.pread(self._file(), self.item_bytes, self.offset + row * self.item_bytes)
+        if len(data) != self.item_bytes:
+            raise OSError(f"{self.path} is truncated: image {row} is incomplete; delete it to rebuild it")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.item_shape)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"image {i} of {len(self)}")
+        item = {"levels": self.read(i), "index": i}
+        if self.labels is not None:
+            item["label"] = int(self.labels[i])
+        return item
+
+    def __getstate__(self) -> dict:  # spawned workers: a descriptor does not travel
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
+def read_npy_header(path: str, dtype, ndim: int) -> tuple[tuple[int, ...], int]:
+    """(shape, data offset) of a C-ordered .npy file of ``dtype`` and ``ndim`` dimensions whose size on disk
+    matches its header; anything else raises ValueError naming the file."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, found = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, found = np.lib.format.read_array_header_2_0(f)
+        except Exception as e:
+            raise ValueError(f"{path} is not a .npy file ({e})") from None
+        offset = f.tell()
+    if found != np.dtype(dtype) or fortran or len(shape) != ndim:
+        raise ValueError(f"{path} holds {found} {shape}, expected {np.dtype(dtype)} with {ndim} dimensions")
+    expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if os.path.getsize(path) != expected:
+        raise ValueError(f"{path} is {os.path.getsize(path)} bytes, its header says {expected}")
+    return tuple(int(n) for n in shape), offset
+
+
 class ImageDataModule(L.LightningDataModule):
     """Base class: subclasses set the facts below and fill ``self.splits`` in ``setup``."""
 
@@ -42,9 +127,16 @@ class ImageDataModule(L.LightningDataModule):
     NUM_CHANNELS = 0
     NUM_LEVELS = 0
     IMAGE_SIZE = 0
+    NUM_CLASSES = 0  # data with classes sets it (and fills ``self.labels``)
 
     def __init__(
-        self, batch_size: int, num_workers: int, num_channels: int, num_levels: int, image_size: int
+        self,
+        batch_size: int,
+        num_workers: int,
+        num_channels: int,
+        num_levels: int,
+        image_size: int,
+        num_classes: int = 0,
     ):
         super().__init__()
         # The config declares these so model configs can interpolate them; a wrong one must fail here,
@@ -53,6 +145,7 @@ class ImageDataModule(L.LightningDataModule):
             ("num_channels", num_channels, self.NUM_CHANNELS),
             ("num_levels", num_levels, self.NUM_LEVELS),
             ("image_size", image_size, self.IMAGE_SIZE),
+            ("num_classes", num_classes, self.NUM_CLASSES),
         ):
             if declared != actual:
                 raise ValueError(
@@ -61,19 +154,35 @@ class ImageDataModule(L.LightningDataModule):
                 )
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be at least 1")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be 0 or more")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.num_channels = num_channels
         self.num_levels = num_levels
         self.image_size = image_size
-        self.splits: dict[str, torch.Tensor] = {}
+        self.num_classes = num_classes
+        # Per split: a uint8 tensor (N, C, H, W), or a dataset of dict items (MemmapImages) for data that
+        # stays on disk.
+        self.splits: dict[str, torch.Tensor | Dataset] = {}
         # Per split, the class of each image (int64 (N,)), for data with classes (``num_classes`` > 0).
         self.labels: dict[str, torch.Tensor] = {}
 
-    num_classes = 0  # data with classes sets it (and fills ``self.labels``)
-
     def has_test_split(self) -> bool:
         return True
+
+    def dataset(self, split: str) -> Dataset:
+        """The split as a dataset of dict items."""
+        if split not in self.splits:
+            raise RuntimeError(f"{self.name}: the {split} split is not loaded; call setup() first")
+        data = self.splits[split]
+        return IndexedImages(data, self.labels.get(split)) if isinstance(data, torch.Tensor) else data
+
+    def head(self, split: str, count: int) -> dict:
+        """The first ``count`` images of ``split`` as one batch dict (``levels`` uint8 (n, C, H, W),
+        ``index``, and ``label`` where there are classes), whichever way the split is stored."""
+        dataset = self.dataset(split)
+        return default_collate([dataset[i] for i in range(min(count, len(dataset)))])
 
     def check_levels(self, split: str, levels: torch.Tensor, source: str) -> torch.Tensor:
         """``levels`` if uint8 (N, C, H, W) with values below K, else raises naming ``source``."""
@@ -90,11 +199,25 @@ class ImageDataModule(L.LightningDataModule):
             )
         return levels
 
+    def check_labels(self, split: str, labels: torch.Tensor, count: int, source: str) -> torch.Tensor:
+        """``labels`` as int64 (count,) with values in 0..num_classes-1, else raises naming ``source``."""
+        if labels.dim() != 1 or len(labels) != count:
+            raise ValueError(
+                f"{source}: {split} has labels of shape {tuple(labels.shape)} for {count} images"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"{source}: {split} labels are {labels.dtype}, expected integers")
+        labels = labels.to(torch.int64)
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ValueError(
+                f"{source}: {split} labels span {int(labels.min())}..{int(labels.max())}, "
+                f"expected 0..{self.num_classes - 1}"
+            )
+        return labels
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.splits:
-            raise RuntimeError(f"{self.name}: the {split} split is not loaded; call setup() first")
         return DataLoader(
-            IndexedImages(self.splits[split], self.labels.get(split)),
+            self.dataset(split),
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=False,

@@ -93,8 +93,9 @@ class BinarizedMNISTDataModule(ImageDataModule):
         num_channels: int = 1,
         num_levels: int = 2,
         image_size: int = 28,
+        num_classes: int = 0,  # the .amat files carry no labels
     ):
-        super().__init__(batch_size, num_workers, num_channels, num_levels, image_size)
+        super().__init__(batch_size, num_workers, num_channels, num_levels, image_size, num_classes)
         self.data_dir = os.path.expanduser(data_dir)
         self.folder = os.path.join(self.data_dir, "binarized_mnist")
 

@@ -1,4 +1,5 @@
 """MNIST (28x28x1) and CIFAR-10 (32x32x3) as raw 8-bit levels (K=256): no normalisation, no augmentation.
+Both carry their 10 classes as labels (``self.labels``, batches' ``label``).
 
 Validation is carved out of the official training set with a fixed seed; test is the official test set.
 Downloads go through torchvision, into a temporary folder that is renamed into place only when complete.
@@ -21,11 +22,14 @@ class _TorchvisionImages(ImageDataModule):
     """Shared by MNIST and CIFAR-10: subclasses say where the files lie and how to read them."""
 
     NUM_LEVELS = 256
+    NUM_CLASSES = 10
     folder = ""  # where the files must lie, relative to data_dir
     files: list[str] = []
 
-    def __init__(self, data_dir, batch_size, num_workers, num_channels, num_levels, image_size, val_size):
-        super().__init__(batch_size, num_workers, num_channels, num_levels, image_size)
+    def __init__(
+        self, data_dir, batch_size, num_workers, num_channels, num_levels, image_size, val_size, num_classes
+    ):
+        super().__init__(batch_size, num_workers, num_channels, num_levels, image_size, num_classes)
         self.data_dir = os.path.expanduser(data_dir)
         self.val_size = val_size
 
@@ -33,8 +37,8 @@ class _TorchvisionImages(ImageDataModule):
         """Downloads into ``tmp``; returns the folder inside it that holds ``files``."""
         raise NotImplementedError
 
-    def load(self, train: bool) -> torch.Tensor:
-        """The official training or test images as uint8 (N, C, H, W)."""
+    def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official training or test images as uint8 (N, C, H, W) and their classes (N,)."""
         raise NotImplementedError
 
     def prepare_data(self) -> None:
@@ -54,15 +58,20 @@ class _TorchvisionImages(ImageDataModule):
                 f"{self.name} not found: put {', '.join(missing)} in {source}{self.alternative()}"
             )
         if stage in ("fit", "validate", None) and "val" not in self.splits:
-            train = self.check_levels("train", self.load(train=True), source)
+            images, labels = self.load(train=True)
+            train = self.check_levels("train", images, source)
+            labels = self.check_labels("train", labels, len(train), source)
             if not 0 < self.val_size < len(train):
                 raise ValueError(f"data.val_size={self.val_size} must be between 1 and {len(train) - 1}")
             order = np.random.default_rng(SPLIT_SEED).permutation(len(train))
             # Sorted, so validation images keep the official order.
-            self.splits["train"] = train[torch.from_numpy(np.sort(order[self.val_size :]))]
-            self.splits["val"] = train[torch.from_numpy(np.sort(order[: self.val_size]))]
+            for split, rows in (("train", order[self.val_size :]), ("val", order[: self.val_size])):
+                rows = torch.from_numpy(np.sort(rows))
+                self.splits[split], self.labels[split] = train[rows], labels[rows]
         if stage in ("test", None) and "test" not in self.splits:
-            self.splits["test"] = self.check_levels("test", self.load(train=False), source)
+            images, labels = self.load(train=False)
+            self.splits["test"] = self.check_levels("test", images, source)
+            self.labels["test"] = self.check_labels("test", labels, len(images), source)
 
 
 class MNISTDataModule(_TorchvisionImages):
@@ -88,16 +97,20 @@ class MNISTDataModule(_TorchvisionImages):
         num_levels: int = 256,
         image_size: int = 28,
         val_size: int = 5000,
+        num_classes: int = 10,
     ):
-        super().__init__(data_dir, batch_size, num_workers, num_channels, num_levels, image_size, val_size)
+        super().__init__(
+            data_dir, batch_size, num_workers, num_channels, num_levels, image_size, val_size, num_classes
+        )
 
     def download(self, tmp: str) -> str:
         torchvision.datasets.MNIST(tmp, train=False, download=True)
         return os.path.join(tmp, self.folder)
 
-    def load(self, train: bool) -> torch.Tensor:
+    def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # torchvision reads the uncompressed IDX files without checksums, so any valid IDX file loads.
-        return torchvision.datasets.MNIST(self.data_dir, train=train).data.unsqueeze(1)
+        mnist = torchvision.datasets.MNIST(self.data_dir, train=train)
+        return mnist.data.unsqueeze(1), mnist.targets
 
 
 class CIFAR10DataModule(_TorchvisionImages):
@@ -119,8 +132,11 @@ class CIFAR10DataModule(_TorchvisionImages):
         num_levels: int = 256,
         image_size: int = 32,
         val_size: int = 5000,
+        num_classes: int = 10,
     ):
-        super().__init__(data_dir, batch_size, num_workers, num_channels, num_levels, image_size, val_size)
+        super().__init__(
+            data_dir, batch_size, num_workers, num_channels, num_levels, image_size, val_size, num_classes
+        )
 
     def alternative(self) -> str:
         return f", or {self.archive} in {self.data_dir}"
@@ -133,11 +149,11 @@ class CIFAR10DataModule(_TorchvisionImages):
             torchvision.datasets.CIFAR10(tmp, train=False, download=True)
         return os.path.join(tmp, self.folder)
 
-    def load(self, train: bool) -> torch.Tensor:
+    def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # Read the pickled batches directly: torchvision's CIFAR10 insists on the official checksums,
         # and the batches already hold each image as 3072 bytes in (C, H, W) order.
         names = self.files[:5] if train else self.files[5:]
-        arrays = []
+        arrays, labels = [], []
         for name in names:
             path = os.path.join(self.data_dir, self.folder, name)
             with open(path, "rb") as f:
@@ -147,5 +163,10 @@ class CIFAR10DataModule(_TorchvisionImages):
                 raise ValueError(
                     f"{path} is not a CIFAR-10 batch: expected a dict whose 'data' is uint8 (N, 3072)"
                 )
+            classes = batch.get("labels")
+            if not isinstance(classes, (list, np.ndarray)) or len(classes) != len(data):
+                raise ValueError(f"{path} is not a CIFAR-10 batch: expected 'labels', one per image")
             arrays.append(data)
-        return torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(classes, dtype=np.int64))
+        images = torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
+        return images, torch.from_numpy(np.concatenate(labels))

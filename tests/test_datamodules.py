@@ -299,7 +299,13 @@ def write_idx(folder, prefix: str, images: np.ndarray) -> None:
     (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
         struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes()
     )
-    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + bytes(range(n)))
+    labels = bytes(class_of(n))
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels)
+
+
+def class_of(n: int) -> list[int]:
+    """The labels the test files carry: 7, 4, 1, 8, ... (all ten classes, not in order)."""
+    return [(7 * i + 7) % 10 for i in range(n)]
 
 
 def grey_images(n: int, shape, seed: int) -> np.ndarray:
@@ -347,7 +353,7 @@ def write_cifar(folder, batches: list[np.ndarray], test: np.ndarray) -> None:
     for name, images in [*((f"data_batch_{i + 1}", b) for i, b in enumerate(batches)), ("test_batch", test)]:
         entry = {
             "batch_label": name,
-            "labels": [0] * len(images),
+            "labels": class_of(len(images)),
             "data": images.reshape(len(images), -1),
             "filenames": [f"{i}.png" for i in range(len(images))],
         }
