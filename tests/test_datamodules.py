@@ -66,6 +66,32 @@ def test_digits_splits_batches_and_order():
     assert sorted(map(bytes, every.numpy())) == sorted(map(bytes, original.numpy()))
 
 
+def pairs(images: torch.Tensor, labels) -> list[tuple[bytes, int]]:
+    return sorted(zip(map(bytes, images.flatten(1).numpy()), (int(v) for v in labels), strict=True))
+
+
+def test_digits_labels_follow_their_images():
+    """Each split's labels are sklearn's targets of its images, and batches carry them."""
+    dm = DigitsDataModule(batch_size=50)
+    dm.setup()
+    assert dm.num_classes == 10
+    digits = load_digits()
+    expected = pairs(torch.from_numpy(digits.images.astype(np.uint8)), digits.target)
+    got = []
+    for split in ("train", "val", "test"):
+        assert dm.labels[split].dtype == torch.int64 and len(dm.labels[split]) == len(dm.splits[split])
+        got += pairs(dm.splits[split], dm.labels[split])
+    assert sorted(got) == expected
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["label"].dtype == torch.int64
+    assert torch.equal(batch["label"], dm.labels["val"][batch["index"]])
+    assert sorted(set(dm.labels["train"].tolist())) == list(range(10))
+    head = dm.head("test", 3)
+    assert torch.equal(head["levels"], dm.splits["test"][:3]) and torch.equal(
+        head["label"], dm.labels["test"][:3]
+    )
+
+
 def test_persistent_workers_only_with_workers():
     dm = DigitsDataModule(num_workers=2)
     dm.setup("fit")
@@ -81,6 +107,9 @@ def test_persistent_workers_only_with_workers():
         (MNISTDataModule, "num_channels", 3),
         (CIFAR10DataModule, "num_channels", 1),
         (CIFAR10DataModule, "image_size", 28),
+        (DigitsDataModule, "num_classes", 0),
+        (BinarizedMNISTDataModule, "num_classes", 10),
+        (MNISTDataModule, "num_classes", 100),
     ],
 )
 def test_declared_facts_must_match(cls, key, value):
@@ -88,16 +117,21 @@ def test_declared_facts_must_match(cls, key, value):
         cls(**{key: value})
 
 
-@pytest.mark.parametrize("name", ["digits", "binarized_mnist", "mnist", "cifar10"])
+@pytest.mark.parametrize(
+    "name", ["digits", "binarized_mnist", "mnist", "cifar10", "imagenet32", "imagenet64"]
+)
 def test_configs_instantiate(name):
-    """Each conf/data/<name>.yaml builds its module, and the declared facts agree with it."""
+    """Each conf/data/<name>.yaml builds its module (touching no files), and the declared facts agree."""
     conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "data" / f"{name}.yaml")
     dm = instantiate(conf)
-    assert (dm.num_channels, dm.num_levels, dm.image_size) == (
+    assert (dm.num_channels, dm.num_levels, dm.image_size, dm.num_classes) == (
         conf.num_channels,
         conf.num_levels,
         conf.image_size,
+        conf.num_classes,
     )
+    # Plain scalars only, so a checkpoint's stored data config can be validated and mapped back.
+    assert all(v is None or isinstance(v, (bool, int, float, str)) for v in conf.values())
 
 
 # ---------------------------------------------------------------- binarized MNIST
@@ -326,9 +360,12 @@ def test_mnist_from_idx_files(tmp_path, monkeypatch):
     levels, index, sizes = collect(dm.test_dataloader())
     assert levels.dtype == torch.uint8 and levels.shape == (3, 1, 28, 28)
     assert torch.equal(levels[:, 0], torch.from_numpy(test)) and torch.equal(index, torch.arange(3))
-    # Train and val partition the official training images, the same way on every run.
+    assert dm.labels["test"].tolist() == class_of(3)
+    # Train and val partition the official training images, the same way on every run, labels with them.
     seen = torch.cat([dm.splits["train"], dm.splits["val"]])[:, 0]
     assert sorted(map(bytes, seen.numpy())) == sorted(map(bytes, train))
+    seen_labels = torch.cat([dm.labels["train"], dm.labels["val"]])
+    assert pairs(seen, seen_labels) == pairs(torch.from_numpy(train), class_of(12))
     again = MNISTDataModule(data_dir=str(tmp_path), val_size=4)
     again.setup("fit")
     assert torch.equal(again.splits["val"], dm.splits["val"])
@@ -379,6 +416,10 @@ def test_cifar10_from_pickled_batches(tmp_path, monkeypatch):
     assert sizes == [3] and torch.equal(index, torch.arange(3))
     seen = torch.cat([dm.splits["train"], dm.splits["val"]])
     assert sorted(map(bytes, seen.numpy())) == sorted(map(bytes, np.concatenate(batches)))
+    seen_labels = torch.cat([dm.labels["train"], dm.labels["val"]])
+    assert pairs(seen, seen_labels) == pairs(torch.from_numpy(np.concatenate(batches)), class_of(2) * 5)
+    assert dm.labels["test"].tolist() == class_of(3)
+    assert next(iter(dm.test_dataloader()))["label"].tolist() == class_of(3)
 
 
 def test_cifar10_from_a_hand_fetched_archive(tmp_path, monkeypatch):
