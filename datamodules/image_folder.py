@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -210,7 +211,7 @@ class ImageFolderDataModule(ImageDataModule):
             if len(levels) and int(levels.max()) >= self.num_levels:
                 return None
             return levels, labels.astype(np.int64), stored["skipped"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile):
             return None  # missing, truncated or foreign: rebuilt
 
     def build_cache(self, path: str, manifest: dict) -> tuple[np.ndarray, np.ndarray, list]:
