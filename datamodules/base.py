@@ -235,6 +235,16 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
+def temporary_file(folder: str, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder`` (so the final rename stays on one file system), with the
+    permissions ``open`` would give (mkstemp's are owner-only): a shared cache stays readable by others."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, path
+
+
 def fetch_atomically(
     target_dir: str, names: list[str], fetch: Callable[[str], str], what: str, alternative: str = ""
 ) -> None:

@@ -23,14 +23,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from datamodules.base import ImageDataModule
+from datamodules.base import ImageDataModule, temporary_file
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +231,7 @@ class ImageFolderDataModule(ImageDataModule):
         levels, labels = levels[:kept], labels[:kept]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         record = json.dumps({"source": manifest, "skipped": skipped}).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".npz", dir=os.path.dirname(path))
+        fd, tmp = temporary_file(os.path.dirname(path), ".building-", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, levels=levels, labels=labels, manifest=np.frombuffer(record, dtype=np.uint8))

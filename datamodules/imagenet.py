@@ -20,13 +20,12 @@ carved from the training set with a fixed seed (for checkpoint selection), ``tra
 import json
 import logging
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 import torch
 
-from datamodules.base import ImageDataModule, MemmapImages, read_npy_header
+from datamodules.base import ImageDataModule, MemmapImages, read_npy_header, temporary_file
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +217,7 @@ class _DownsampledImageNet(ImageDataModule):
         log.info("%s: converting %d %s images into %s (once)", self.name, count, split, self.cache_dir)
         temporary = []
         try:
-            fd, images_tmp = tempfile.mkstemp(prefix=f".{split}_images-", suffix=".npy", dir=self.cache_dir)
+            fd, images_tmp = temporary_file(self.cache_dir, f".{split}_images-", suffix=".npy")
             temporary.append(images_tmp)
             labels = np.empty(count, dtype=np.int64)
             with os.fdopen(fd, "wb") as out:
@@ -230,13 +229,13 @@ class _DownsampledImageNet(ImageDataModule):
                     start += source.count
                 out.flush()
                 os.fsync(out.fileno())
-            fd, labels_tmp = tempfile.mkstemp(prefix=f".{split}_labels-", suffix=".npy", dir=self.cache_dir)
+            fd, labels_tmp = temporary_file(self.cache_dir, f".{split}_labels-", suffix=".npy")
             temporary.append(labels_tmp)
             with os.fdopen(fd, "wb") as out:
                 np.save(out, labels)
             os.replace(images_tmp, self.cache_path(split, "images.npy"))
             os.replace(labels_tmp, self.cache_path(split, "labels.npy"))
-            fd, manifest_tmp = tempfile.mkstemp(prefix=f".{split}_manifest-", dir=self.cache_dir)
+            fd, manifest_tmp = temporary_file(self.cache_dir, f".{split}_manifest-")
             temporary.append(manifest_tmp)
             with os.fdopen(fd, "w") as out:
                 json.dump({"manifest": self.manifest(split), "count": count}, out)

@@ -60,6 +60,10 @@ def test_imagenet32_from_official_files(tmp_path, compressed):
     dm.setup()
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 25, "val": 5, "test": 4}
     assert all(isinstance(v, MemmapImages) for v in dm.splits.values()), "read from disk, not loaded"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp_path / "Imagenet32_uint8"):  # as open() would make them, not owner-only
+        assert os.stat(tmp_path / "Imagenet32_uint8" / name).st_mode & 0o777 == 0o666 & ~umask
 
     # test = the official validation file, in order, pixel for pixel, labels minus one.
     test = collect(dm.test_dataloader())
