@@ -34,6 +34,7 @@ def test_train_and_sample_on_an_image_folder(tmp_path):
         "data.num_channels=1",
         "data.num_levels=8",
         "data.num_classes=10",
+        "model.conditional=true",  # the folder names are the labels
         "trainer.max_epochs=1",
         "final_samples=4",
     )
@@ -59,6 +60,7 @@ def test_train_on_imagenet32_files(tmp_path):
         "data.num_workers=0",
         "trainer.max_epochs=1",
         "model.net.num_layers=1",
+        "model.conditional=true",
     )
     metric = train(cfg)
     assert metric is not None and np.isfinite(metric)
