@@ -110,7 +110,7 @@ def tiny_module(*overrides):
 def test_completion_grid_keeps_the_top_half_and_completes_the_bottom(conditional):
     from pixel_models.training.callbacks import completion_grid
 
-    module = tiny_module(f"model.conditional={conditional}", "+data.num_classes=10")
+    module = tiny_module(f"model.conditional={conditional}", "++data.num_classes=10")
     k, size = module.num_levels, module.image_size
     images = torch.randint(0, k, (2, 1, size, size))
     label = torch.tensor([3, 7]) if conditional else None
