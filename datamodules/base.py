@@ -45,8 +45,9 @@ class MemmapImages(Dataset):
     Each item is one positioned read (``os.pread``) rather than a view of a memory map: pages of a map
     that a worker has touched count towards its resident memory until the kernel needs them back, so
     iterating a 15 GB file through a map shows a resident size of 15 GB; reads keep it at a few batches.
-    The file descriptor is opened lazily in each process, so the dataset works in DataLoader workers
-    (forked or spawned).
+    A slice (``split[:n]``) gives the levels of those images as one uint8 tensor, as slicing an in-memory
+    split does. The file descriptor is opened lazily in each process, so the dataset works in DataLoader
+    workers (forked or spawned).
     """
 
     def __init__(self, path: str, rows: np.ndarray | None = None, labels: torch.Tensor | None = None):
@@ -83,7 +84,15 @@ class MemmapImages(Dataset):
             raise OSError(f"{self.path} is truncated: image {row} is incomplete; delete it to rebuild it")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.item_shape)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int | slice) -> dict | torch.Tensor:
+        if isinstance(i, slice):
+            # As slicing an in-memory split gives: the levels of those images, one uint8 tensor (n, C, H, W).
+            rows = range(*i.indices(len(self)))
+            return (
+                torch.stack([self.read(r) for r in rows])
+                if rows
+                else torch.empty((0, *self.item_shape), dtype=torch.uint8)
+            )
         if not 0 <= i < len(self):
             raise IndexError(f"image {i} of {len(self)}")
         item = {"levels": self.read(i), "index": i}

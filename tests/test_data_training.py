@@ -53,7 +53,11 @@ def test_train_on_imagenet32_files(tmp_path):
     write_official(tmp_path / "data", 32, counts=(2,) * 10, val_count=3)
     cfg = compose_train(
         f"output_dir={tmp_path / 'run'}",
-        *TINY_RUN,
+        *(o for o in TINY_RUN if not o.startswith("callbacks.completion_grid")),
+        # the completion grid reads validation images from the on-disk split
+        "callbacks.completion_grid.every_n_epochs=1",
+        "callbacks.completion_grid.num_images=2",
+        "callbacks.completion_grid.completions_per_image=1",
         "data=imagenet32",
         f"data.data_dir={tmp_path / 'data'}",
         "data.val_size=4",
@@ -66,3 +70,4 @@ def test_train_on_imagenet32_files(tmp_path):
     assert metric is not None and np.isfinite(metric)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["val/num_images"] == 4 and metrics["test/num_images"] == 3
+    assert list((tmp_path / "run" / "completions").glob("epoch_*.png")), "the completion grid ran"

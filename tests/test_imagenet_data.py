@@ -90,6 +90,9 @@ def test_imagenet32_from_official_files(tmp_path, compressed):
     again.convert = lambda split: pytest.fail("rebuilt an unchanged cache")
     again.setup("fit")
     assert torch.equal(collect(again.val_dataloader())["levels"], seen[1]["levels"])
+    # A slice gives levels, as slicing an in-memory split does (sample.py and the completion grid do).
+    assert torch.equal(dm.splits["test"][1:3], as_images(data[1:3], 32))
+    assert dm.splits["test"][4:].shape == (0, 3, 32, 32) and dm.splits["test"][4:].dtype == torch.uint8
     head = dm.head("test", 2)
     assert torch.equal(head["levels"], as_images(data[:2], 32)) and head["label"].tolist() == list(
         labels[:2] - 1
