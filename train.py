@@ -230,8 +230,8 @@ def fit_results(trainer: L.Trainer, model, datamodule) -> tuple[str | None, dict
         if score is not None:
             metrics[checkpointing.monitor] = score
 
-    # last.ckpt holds the last validation's weights only if it was written then (Lightning 2.6 writes it
-    # only together with a new best checkpoint): name it only when it does.
+    # last.ckpt is named only when it holds the last validation's weights (LastAndBestCheckpoint writes it
+    # after every validation; Lightning's own ModelCheckpoint only together with a new best).
     last_ckpt = load_checkpoint(last_path) if last_path and os.path.isfile(last_path) else None
     if last_ckpt is not None and last_val and last_ckpt.get("global_step") == last_val.get("global_step"):
         metrics["last/checkpoint"] = last_path

@@ -10,7 +10,7 @@ import torch
 from helpers import TINY_RUN, compose_train
 
 from datamodules.digits import DigitsDataModule
-from pixel_models.training.checkpoint import load_module
+from pixel_models.training.checkpoint import load_checkpoint, load_module
 from pixel_models.training.likelihood import nll_per_image
 
 DIMS = 1 * 8 * 8  # digits: C * H * W
@@ -72,10 +72,10 @@ def test_reported_pairs_agree_and_name_their_checkpoint(tmp_path, caplog):
     assert metrics["best/val/nll"] < metrics["last/val/nll"]
     assert metrics["best/val/nll"] == pytest.approx(exact_nll(metrics["best/checkpoint"], "val"), rel=1e-6)
     assert metrics["test/nll"] == pytest.approx(exact_nll(metrics["best/checkpoint"], "test"), rel=1e-6)
-    if metrics["last/checkpoint"] is not None:  # named only when it holds the last validation's weights
-        assert metrics["last/val/nll"] == pytest.approx(
-            exact_nll(metrics["last/checkpoint"], "val"), rel=1e-6
-        )
+    # last.ckpt is the last validation's weights, also when that validation was no new best
+    assert metrics["last/checkpoint"].endswith("last.ckpt")
+    assert load_checkpoint(metrics["last/checkpoint"])["global_step"] == metrics["last/global_step"] == 4
+    assert metrics["last/val/nll"] == pytest.approx(exact_nll(metrics["last/checkpoint"], "val"), rel=1e-6)
     assert metrics["val/num_images"] == metrics["test/num_images"] == 300
     assert (metrics["global_step"], metrics["epochs"]) == (4, 2)
     assert metrics["params"] == sum(p.numel() for p in load_module(metrics["checkpoint"]).parameters())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import grad_norm
 from lightning.pytorch.utilities.model_summary import summarize
@@ -19,6 +19,32 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from pixel_models.sampling.generate import check_method, generate, sample_grid, uniform_noise
+
+
+class LastAndBestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (the best checkpoints by ``monitor``), with ``last.ckpt`` rewritten at
+    every save point, whether or not the monitored value improved.
+
+    Lightning 2.6 writes ``last.ckpt`` only in a step that also writes a top-k checkpoint: once validation
+    NLL stops improving, ``last.ckpt`` stays a copy of the best, and resuming from it would silently go back
+    to that step. Here it follows the training: written after every validation (or every training epoch,
+    where this callback saves at epoch ends).
+    """
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer) -> None:
+        # skipped where the parent already saved at this step (then last.ckpt was written with it)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class StoreDataConfig(L.Callback):
