@@ -118,7 +118,11 @@ def evaluate(cfg: DictConfig) -> dict:
     np.save(out / "bits_map.npy", result.bits_map.numpy())
     title = f"{split}: mean bits per sub-pixel ({result.num_images} images, {result.bpd:.4f} bits/dim)"
     bits_map_image(result.bits_map, title).save(out / "bits_map.png")
-    extremes_grid(images, result.nll, highest, lowest, module.num_levels).save(out / "extremes.png")
+
+    def shown(indices):  # a slice reads the image as levels from in-memory and on-disk splits alike
+        return [(images[i : i + 1][0], float(result.nll[i]), i) for i in indices.tolist()]
+
+    extremes_grid(shown(highest), shown(lowest), module.num_levels).save(out / "extremes.png")
     with open(out / "per_image.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "label", "nll_nats", "bits_per_dim"])

@@ -109,7 +109,11 @@ def test_bits_map_shows_each_colour_on_one_scale():
 def test_extremes_grid_has_a_tile_per_image():
     images = torch.randint(0, 4, (6, 1, 5, 5))
     nll = torch.arange(6, dtype=torch.float64)
-    grid = extremes_grid(images, nll, torch.tensor([5, 4]), torch.tensor([0, 1]), num_levels=4, tile=20)
+
+    def shown(indices):
+        return [(images[i], float(nll[i]), i) for i in indices]
+
+    grid = extremes_grid(shown([5, 4]), shown([0, 1]), num_levels=4, tile=20)
     assert isinstance(grid, Image.Image) and grid.width >= 2 * 20 and grid.height >= 2 * 20
 
 
@@ -146,6 +150,12 @@ def test_evaluate_command_on_digits(tmp_path):
         (h["nll"] for h in summary["highest"]), reverse=True
     )
     assert len(summary["highest"]) == len(summary["lowest"]) == 4
+    # the digits carry their class: per-class NLL, which averages back to the split's
+    per_class = summary["per_class"]
+    assert sorted(per_class, key=int) == [str(d) for d in range(10)]
+    assert sum(c["num_images"] for c in per_class.values()) == 300
+    weighted = sum(c["nll"] * c["num_images"] for c in per_class.values()) / 300
+    assert weighted == pytest.approx(summary["val/nll"], rel=1e-9)
     rows = list(csv.DictReader(open(run_dir / "per_image.csv")))
     assert len(rows) == 300
     assert sum(float(r["nll_nats"]) for r in rows) / 300 == pytest.approx(summary["val/nll"], rel=1e-6)

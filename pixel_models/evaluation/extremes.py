@@ -5,24 +5,22 @@ from PIL import Image, ImageDraw
 
 from pixel_models.evaluation.drawing import BACKGROUND, INK, font, levels_to_image, text_size
 
+Shown = tuple[torch.Tensor, float, int]  # an image's levels (C, H, W), its NLL, its index in the split
+
 
 def extremes_grid(
-    images: torch.Tensor,
-    nll: torch.Tensor,
-    highest: torch.Tensor,
-    lowest: torch.Tensor,
-    num_levels: int,
-    unit: str = "nats",
-    tile: int = 84,
+    highest: list[Shown], lowest: list[Shown], num_levels: int, unit: str = "nats", tile: int = 84
 ) -> Image.Image:
-    """Two rows of images (C, H, W levels, indexed like ``nll``): the ``highest``-NLL ones, then the
-    ``lowest``; under each its NLL in ``unit`` and its index in the split."""
-    size = images.shape[-1]
+    """Two rows of images: the ``highest``-NLL ones, then the ``lowest``; under each its NLL in ``unit``
+    and its index in the split."""
+    shown = [*highest, *lowest]
+    size = shown[0][0].shape[-1] if shown else 1
     scale = max(1, tile // size)
     face, small = font(13), font(11)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad = 8
-    cell_w = max(size * scale, text_size(probe, f"{float(nll.max()):.2f} {unit}", small)[0]) + pad
+    widest = max((text_size(probe, f"{nll:.2f} {unit}", small)[0] for _, nll, _ in shown), default=0)
+    cell_w = max(size * scale, widest) + pad
     line_h = text_size(probe, "0123456789", small)[1] + 3
     header_h = text_size(probe, "Ag", face)[1] + 6
     cell_h = size * scale + 2 * line_h + pad
@@ -31,13 +29,13 @@ def extremes_grid(
     canvas = Image.new("RGB", (pad + columns * cell_w, pad + len(rows) * (header_h + cell_h)), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     y = pad
-    for heading, indices in rows:
+    for heading, images in rows:
         draw.text((pad, y), heading, fill=INK, font=face)
         y += header_h
-        for column, index in enumerate(indices.tolist()):
+        for column, (levels, nll, index) in enumerate(images):
             x = pad + column * cell_w
-            canvas.paste(levels_to_image(images[index], num_levels, scale), (x, y))
-            draw.text((x, y + size * scale + 2), f"{float(nll[index]):.2f} {unit}", fill=INK, font=small)
+            canvas.paste(levels_to_image(levels, num_levels, scale), (x, y))
+            draw.text((x, y + size * scale + 2), f"{nll:.2f} {unit}", fill=INK, font=small)
             draw.text((x, y + size * scale + 2 + line_h), f"#{index}", fill=INK, font=small)
         y += cell_h
     return canvas
