@@ -96,7 +96,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"),
         "params": sum(p.numel() for p in module.parameters()),
-        "data": ckpt["data_config"].get("_target_"),
+        "data": ckpt["data_config"].get("name") or ckpt["data_config"].get("_target_"),
         "conditional": bool(getattr(module, "conditional", False)),  # then NLL is -log p(x | label)
         "split": split,
         f"{split}/nll": result.mean_nll,
