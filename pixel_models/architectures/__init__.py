@@ -6,6 +6,7 @@ cached sampler), one line below, one ``conf/model/<name>.yaml`` holding its ``ne
 """
 
 from pixel_models.architectures.diagonal_bilstm import DiagonalBiLSTM
+from pixel_models.architectures.gated_pixelcnn import GatedPixelCNN
 from pixel_models.architectures.multiscale import MultiScalePixelRNN
 from pixel_models.architectures.pixelcnn import PixelCNN
 from pixel_models.architectures.row_lstm import RowLSTM
@@ -15,6 +16,7 @@ ARCHITECTURES = {
     "row_lstm": RowLSTM,
     "diag_bilstm": DiagonalBiLSTM,
     "multiscale": MultiScalePixelRNN,
+    "gated_pixelcnn": GatedPixelCNN,
 }
 
 
