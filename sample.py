@@ -11,6 +11,11 @@ checkpoint's dataset (``split``, ``num_images``; the data module is rebuilt from
 sampled ``completions_per_image`` times. Known pixels are never changed. The grid has one row per
 image: original | occluded (unknown pixels as a grey checkerboard) | completions.
 
+Conditional checkpoints (trained with model.conditional=true): ``label=<class>`` makes every sample (or
+completion) one of that class; ``label=all`` (mode=generate) a grid with one row per class, the same noise
+in every row, at least ``num_samples`` images in all; ``label=null`` samples unconditionally (the
+"no label" class, trained by label dropout).
+
 method=cached (default) computes each layer at the new pixel only; method=naive runs the whole network
 for every sub-pixel (the reference, H*W*C times slower to much slower). Both give the same images.
 """
@@ -27,7 +32,7 @@ from PIL import Image
 from rich.progress import Progress
 from torchvision.utils import make_grid, save_image
 
-from pixel_models.sampling.generate import check_method, generate, levels_grid, uniform_noise
+from pixel_models.sampling.generate import check_method, class_rows, generate, levels_grid, uniform_noise
 from pixel_models.training.checkpoint import CheckpointError, load_checkpoint, load_module
 
 log = logging.getLogger("sample")
@@ -137,8 +142,35 @@ def occluded(images: torch.Tensor, known: torch.Tensor, num_levels: int) -> torc
 # Sampling
 
 
-def sample_batches(net, noise, num_levels, cfg, device, known=None, known_mask=None) -> torch.Tensor:
-    """``generate`` over batches of ``cfg.batch_size``, with a progress bar of rows done."""
+def check_label(label, module, mode: str) -> int | str | None:
+    """``label`` validated against the checkpoint: None, a class 0..num_classes-1, or "all" (generate)."""
+    if label is None:
+        if module.conditional and module.hparams.get("label_dropout", 0.0) == 0.0:
+            log.warning(
+                "this conditional model was trained without label dropout, so its 'no label' class is "
+                "untrained: pass label=<class> or label=all for class-conditional samples"
+            )
+        return None
+    if not module.conditional:
+        raise ValueError(
+            f"label={label!r}: this checkpoint is unconditional (trained with model.conditional=false); "
+            f"drop label= or train with model.conditional=true"
+        )
+    classes = module.num_classes
+    if label == "all":
+        if mode != "generate":
+            raise ValueError("label=all (one grid row per class) is for mode=generate; give one class")
+        return label
+    if type(label) is not int or not 0 <= label < classes:
+        raise ValueError(f"label must be a class 0..{classes - 1} or 'all', got {label!r}")
+    return label
+
+
+def sample_batches(
+    net, noise, num_levels, cfg, device, known=None, known_mask=None, labels=None
+) -> torch.Tensor:
+    """``generate`` over batches of ``cfg.batch_size``, with a progress bar of rows done; ``labels``: (N,)
+    classes of a conditional model's images, or None."""
     size = noise.shape[-2]
     batches = []
     with Progress() as progress:
@@ -156,6 +188,7 @@ def sample_batches(net, noise, num_levels, cfg, device, known=None, known_mask=N
                     known=None if known is None else known[part],
                     known_mask=None if known_mask is None else known_mask[part],
                     on_row=lambda i: progress.advance(rows),
+                    label=None if labels is None else labels[part],
                 ).cpu()
             )
     return torch.cat(batches)
@@ -170,6 +203,7 @@ def sample(cfg: DictConfig) -> torch.Tensor:
         raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
     device = pick_device(cfg.device)
     module = load_module(cfg.ckpt_path)
+    label = check_label(cfg.get("label"), module, cfg.mode)
     net = module.net.to(device)
     size, channels, num_levels = module.image_size, module.num_channels, module.num_levels
     output = Path(cfg.output)
@@ -177,9 +211,15 @@ def sample(cfg: DictConfig) -> torch.Tensor:
     if cfg.mode == "generate":
         if cfg.num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {cfg.num_samples}")
-        noise = uniform_noise(cfg.num_samples, channels, size, size, cfg.seed)
-        levels = sample_batches(net, noise, num_levels, cfg, device)
-        grid, extra = levels_grid(levels, num_levels), {}
+        if label == "all":  # one row per class, the same noise in every row
+            labels, per_class = class_rows(module.num_classes, cfg.num_samples)
+            noise = uniform_noise(per_class, channels, size, size, cfg.seed).repeat(module.num_classes, 1, 1, 1)
+        else:
+            labels = None if label is None else torch.full((cfg.num_samples,), label, dtype=torch.long)
+            noise, per_class = uniform_noise(cfg.num_samples, channels, size, size, cfg.seed), None
+        levels = sample_batches(net, noise, num_levels, cfg, device, labels=labels)
+        grid = levels_grid(levels, num_levels, nrow=per_class)
+        extra = {} if labels is None else {"labels": labels}
     else:
         if cfg.completions_per_image < 1 or cfg.num_images < 1:
             raise ValueError("num_images and completions_per_image must be positive")
@@ -191,8 +231,9 @@ def sample(cfg: DictConfig) -> torch.Tensor:
         per_image = cfg.completions_per_image
         known_mask = known.expand(len(images) * per_image, channels, size, size)
         noise = uniform_noise(len(images) * per_image, channels, size, size, cfg.seed)
+        labels = None if label is None else torch.full((len(noise),), label, dtype=torch.long)
         levels = sample_batches(
-            net, noise, num_levels, cfg, device, images.repeat_interleave(per_image, 0), known_mask
+            net, noise, num_levels, cfg, device, images.repeat_interleave(per_image, 0), known_mask, labels
         )
         # One row per image: original | occluded | completions.
         rows = torch.cat(
@@ -204,7 +245,7 @@ def sample(cfg: DictConfig) -> torch.Tensor:
             dim=1,
         )
         grid = make_grid(rows.flatten(0, 1), nrow=2 + per_image, padding=2, pad_value=1.0)
-        extra = {"originals": images, "known_mask": known}
+        extra = {"originals": images, "known_mask": known, **({} if labels is None else {"labels": labels})}
 
     output.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, output)

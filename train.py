@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from pixel_models.sampling.generate import sample_grid
+from pixel_models.sampling.generate import sample_class_grid, sample_grid
 from pixel_models.training.builders import build, build_all
 from pixel_models.training.callbacks import StoreDataConfig
 from pixel_models.training.checkpoint import (
@@ -157,9 +157,11 @@ def run_stages(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt: dic
 
     if cfg.final_samples and best and trainer.is_global_zero:
         final = load_module(best)
-        _, grid = sample_grid(
-            final.net, cfg.final_samples, final.num_channels, final.image_size, final.num_levels, cfg.seed
-        )
+        facts = (final.num_channels, final.image_size, final.num_levels, cfg.seed)
+        if final.conditional:  # one row per class
+            grid = sample_class_grid(final.net, cfg.final_samples, *facts)[-1]
+        else:
+            grid = sample_grid(final.net, cfg.final_samples, *facts)[1]
         save_image(grid, Path(cfg.output_dir) / "samples.png")
         log.info(f"samples written to {Path(cfg.output_dir) / 'samples.png'}")
 
@@ -180,7 +182,7 @@ def split_metrics(trainer: L.Trainer, model, stage: str) -> dict:
             for k in ("nll", "bpd", "num_images")
             if f"{stage}/{k}" in trainer.callback_metrics
         }
-    return {f"{stage}/{k}": result[k] for k in ("nll", "bpd", "num_images") if k in result}
+    return {f"{stage}/{k}": result[k] for k in ("nll", "bpd", "num_images", "nll_per_class") if k in result}
 
 
 def fit_results(trainer: L.Trainer, model, datamodule) -> tuple[str | None, dict]:
@@ -223,8 +225,9 @@ def fit_results(trainer: L.Trainer, model, datamodule) -> tuple[str | None, dict
     metrics["checkpoint"] = metrics["best/checkpoint"] = best
     if best_val:
         metrics.update({"best/epoch": best_val.get("epoch"), "best/global_step": best_val.get("global_step")})
-        for k in ("nll", "bpd", "num_images"):
-            metrics[f"best/val/{k}"] = metrics[f"val/{k}"] = best_val[k]
+        for k in ("nll", "bpd", "num_images", "nll_per_class"):
+            if k in best_val:  # nll_per_class: data with classes only
+                metrics[f"best/val/{k}"] = metrics[f"val/{k}"] = best_val[k]
     else:
         score = best_score(checkpointing)  # float32, as monitored; no bits/dim to pair it with
         if score is not None:
@@ -239,7 +242,13 @@ def fit_results(trainer: L.Trainer, model, datamodule) -> tuple[str | None, dict
         metrics["last/checkpoint"] = None
     if last_val:
         metrics.update({"last/epoch": last_val.get("epoch"), "last/global_step": last_val.get("global_step")})
-        metrics.update({f"last/val/{k}": last_val[k] for k in ("nll", "bpd", "num_images")})
+        metrics.update(
+            {
+                f"last/val/{k}": last_val[k]
+                for k in ("nll", "bpd", "num_images", "nll_per_class")
+                if k in last_val
+            }
+        )
     if "train/nll_epoch" in trainer.callback_metrics:
         metrics["last/train/nll"] = float(trainer.callback_metrics["train/nll_epoch"])
     return best, metrics

@@ -165,3 +165,38 @@ def sample_grid(
     finally:
         net.train(was_training)
     return levels, levels_grid(levels, num_levels, nrow)
+
+
+def class_rows(num_classes: int, num_samples: int) -> tuple[torch.Tensor, int]:
+    """Labels for a grid with one row per class of at least ``num_samples`` images in all: (N,) classes,
+    row by row, and the images per row, ceil(num_samples / num_classes)."""
+    if num_classes < 1:
+        raise ValueError("a grid of one row per class needs a conditional model")
+    per_class = max(1, -(-num_samples // num_classes))
+    return torch.arange(num_classes).repeat_interleave(per_class), per_class
+
+
+def sample_class_grid(
+    net: torch.nn.Module,
+    num_samples: int,
+    num_channels: int,
+    image_size: int,
+    num_levels: int,
+    seed: int,
+    temperature: float = 1.0,
+    method: str = "cached",
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A conditional network's samples, one grid row per class (``class_rows``), with the network in eval
+    mode (restored after). Every row uses the same noise, so the images of a column differ only by their
+    class. Returns the levels (N, C, H, W), their labels (N,) and the grid (3, H', W')."""
+    labels, per_class = class_rows(net.num_classes, num_samples)
+    noise = uniform_noise(per_class, num_channels, image_size, image_size, seed)
+    noise = noise.repeat(net.num_classes, 1, 1, 1).to(device)
+    was_training = net.training
+    net.eval()
+    try:
+        levels = generate(net, noise, num_levels, temperature, method, label=labels.to(device))
+    finally:
+        net.train(was_training)
+    return levels, labels, levels_grid(levels, num_levels, nrow=per_class)

@@ -18,7 +18,13 @@ from lightning.pytorch.utilities.model_summary.model_summary import (
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from pixel_models.sampling.generate import check_method, generate, sample_grid, uniform_noise
+from pixel_models.sampling.generate import (
+    check_method,
+    generate,
+    sample_class_grid,
+    sample_grid,
+    uniform_noise,
+)
 
 
 class LastAndBestCheckpoint(ModelCheckpoint):
@@ -67,7 +73,8 @@ class SampleGrid(L.Callback):
 
     The same noise (``seed``) every time, so the grids of successive epochs show the model improving on
     the same draws. Sampling uses the module's network in eval mode (train mode is restored after), the
-    cached sampler, and only the global-zero process.
+    cached sampler, and only the global-zero process. A conditional model's grid has one row per class
+    (the same noise in every row).
 
     Where the grid goes: a WandbLogger gets it as ``samples`` (a uint8 HWC array: W&B shows float
     images black), a TensorBoardLogger as image ``samples``; with neither (CSV only, or no logger) it is
@@ -96,7 +103,21 @@ class SampleGrid(L.Callback):
         self.method = method
 
     def sample(self, pl_module) -> torch.Tensor:
-        """The grid (3, H', W'), float in [0, 1], sampled with the module in eval mode."""
+        """The grid (3, H', W'), float in [0, 1], sampled with the module in eval mode; for a conditional
+        model one row per class (``sample_class_grid``: at least ``num_samples`` images in all)."""
+        if getattr(pl_module.net, "num_classes", 0) > 0:
+            _, _, grid = sample_class_grid(
+                pl_module.net,
+                self.num_samples,
+                pl_module.num_channels,
+                pl_module.image_size,
+                pl_module.num_levels,
+                self.seed,
+                self.temperature,
+                self.method,
+                pl_module.device,
+            )
+            return grid
         _, grid = sample_grid(
             pl_module.net,
             self.num_samples,

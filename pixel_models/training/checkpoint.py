@@ -1,5 +1,6 @@
 """Loading checkpoints safely: ``weights_only=True`` always, one clear error for anything else."""
 
+import math
 import os
 import pickle
 import zipfile
@@ -123,4 +124,10 @@ def stored_val_result(ckpt: dict) -> dict | None:
         return None
     if numbers["global_step"] != ckpt.get("global_step"):
         return None
+    per_class = result.get("nll_per_class")
+    if isinstance(per_class, dict) and all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, float) and math.isfinite(v)
+        for k, v in per_class.items()
+    ):
+        numbers["nll_per_class"] = dict(per_class)
     return numbers

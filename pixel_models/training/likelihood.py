@@ -28,20 +28,42 @@ class SplitNLL:
 
     Indexing by image makes the total independent of batching, and of a distributed sampler that pads a
     rank with repeated images: a repeated image adds to ``count`` and is averaged back to one value.
+
+    With labels (``update(..., labels)``), ``per_class_mean`` gives the same exact mean over the images of
+    each class. Labels are summed like the NLL, as label + 1 per visit (0: never labelled), so that they
+    reduce over processes with the same sum and a repeated image still gives back its own label.
     """
 
     def __init__(self, num_images: int, device: torch.device | str = "cpu"):
         self.total = torch.zeros(num_images, dtype=torch.float64, device=device)
         self.count = torch.zeros(num_images, dtype=torch.float64, device=device)
+        self.label_total = torch.zeros(num_images, dtype=torch.float64, device=device)
 
-    def update(self, nll: torch.Tensor, indices: torch.Tensor) -> None:
-        self.total.index_add_(0, indices.to(self.total.device), nll.detach().to(self.total))
-        self.count.index_add_(0, indices.to(self.count.device), torch.ones_like(self.count[: len(indices)]))
+    def update(self, nll: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        indices = indices.to(self.total.device)
+        self.total.index_add_(0, indices, nll.detach().to(self.total))
+        self.count.index_add_(0, indices, torch.ones_like(self.count[: len(indices)]))
+        if labels is not None:
+            self.label_total.index_add_(0, indices, labels.detach().to(self.label_total) + 1)
 
     def all_reduce(self, reduce_fn) -> None:
         """Sum the buffers over processes with ``reduce_fn`` (e.g. Lightning's ``all_reduce(x, "sum")``)."""
         self.total = reduce_fn(self.total)
         self.count = reduce_fn(self.count)
+        self.label_total = reduce_fn(self.label_total)
+
+    def per_class_mean(self) -> dict[int, tuple[float, int]]:
+        """Per class seen: (mean NLL over its images, number of images); empty without labels."""
+        seen = (self.count > 0) & (self.label_total > 0)
+        if not seen.any():
+            return {}
+        labels = (self.label_total[seen] / self.count[seen]).round().long() - 1
+        nll = self.total[seen] / self.count[seen]
+        result = {}
+        for label in torch.unique(labels).tolist():
+            of_class = nll[labels == label]
+            result[int(label)] = (float(of_class.sum() / len(of_class)), len(of_class))
+        return result
 
     @property
     def num_seen(self) -> int:

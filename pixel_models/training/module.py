@@ -15,7 +15,9 @@ Logged: ``train/nll``, ``val/nll`` and ``test/nll`` in nats per image, ``val/bpd
 in bits per sub-pixel. The exact (float64) result of each validation during training, with the epoch and
 step it was computed at, is kept in ``split_results["val"]`` and written into every checkpoint as
 ``checkpoint["split_results"]``, so the best checkpoint's exact NLL can be read back from its file
-(``checkpoint.stored_val_result``).
+(``checkpoint.stored_val_result``). For data with classes also ``val/nll_class_<k>`` and
+``test/nll_class_<k>``, the exact NLL over the images of class k (kept, and stored, as
+``split_results[stage]["nll_per_class"]``: {"k": nats per image}).
 """
 
 import math
@@ -150,7 +152,9 @@ class AutoregressiveModule(L.LightningModule):
 
     def _eval_step(self, batch) -> None:
         levels, index = batch["levels"], batch["index"]
-        self._split_nll.update(self.nll(levels, self.batch_label(batch)), index)
+        label = self.batch_label(batch)
+        # Data with classes: the NLL per class too (for a conditional model, -log p(x | its class)).
+        self._split_nll.update(self.nll(levels, label), index, batch.get("label"))
 
     def _end_split(self, stage: str) -> None:
         split = self._split_nll
@@ -173,6 +177,11 @@ class AutoregressiveModule(L.LightningModule):
         self.log(f"{stage}/nll", nats, prog_bar=True, sync_dist=False)
         self.log(f"{stage}/bpd", bpd, sync_dist=False)
         self.log(f"{stage}/num_images", float(split.num_seen), sync_dist=False)
+        per_class = split.per_class_mean()
+        if per_class:
+            self.split_results[stage]["nll_per_class"] = {str(k): nll for k, (nll, _) in per_class.items()}
+            for k, (nll, _) in per_class.items():
+                self.log(f"{stage}/nll_class_{k}", nll, sync_dist=False)
         self._split_nll = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
