@@ -45,6 +45,7 @@ ARCHITECTURE_SETTINGS = {
         "sizes": [(4, 4), (4, 6), (6, 8), (2, 2)],
         "causal_size": (4, 6),
     },
+    "gated_pixelcnn": {"net": {"hidden": 12, "num_layers": 2, "output_hidden": 48}},
 }
 # Each architecture may name sizes it supports (default below) and output distributions / channel counts it
 # refuses, with the message it must refuse them with.
