@@ -213,7 +213,8 @@ def sample(cfg: DictConfig) -> torch.Tensor:
             raise ValueError(f"num_samples must be positive, got {cfg.num_samples}")
         if label == "all":  # one row per class, the same noise in every row
             labels, per_class = class_rows(module.num_classes, cfg.num_samples)
-            noise = uniform_noise(per_class, channels, size, size, cfg.seed).repeat(module.num_classes, 1, 1, 1)
+            noise = uniform_noise(per_class, channels, size, size, cfg.seed)
+            noise = noise.repeat(module.num_classes, 1, 1, 1)
         else:
             labels = None if label is None else torch.full((cfg.num_samples,), label, dtype=torch.long)
             noise, per_class = uniform_noise(cfg.num_samples, channels, size, size, cfg.seed), None
