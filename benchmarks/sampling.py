@@ -20,7 +20,7 @@ Fields: ``*_ms_per_step`` (one sub-pixel for the whole batch), ``*_images_per_s`
 ``cached_rows_timed``, ``naive_steps_timed``, ``naive_extrapolated``. An architecture without a model
 config gets one line saying it was skipped.
 
-    python benchmarks/sampling.py [--models pixelcnn row_lstm diag_bilstm] [--batches 1 16 64]
+    python benchmarks/sampling.py [--models pixelcnn row_lstm diag_bilstm gated_pixelcnn] [--batches 1 16 64]
 """
 
 import argparse
@@ -97,7 +97,7 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm"])
+    parser.add_argument("--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn"])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument(

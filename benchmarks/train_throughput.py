@@ -4,7 +4,7 @@ One JSON line per model x shape, then one line of step-time ratios against Pixel
 run (machines are noisy; compare within a run). Models are built from the same Hydra configs users
 train with: `conf/model/<name>.yaml` at the MNIST setup (7 layers, h=16, 32 output maps).
 
-    python benchmarks/train_throughput.py [--models pixelcnn row_lstm diag_bilstm] [--steps 10]
+    python benchmarks/train_throughput.py [--models pixelcnn row_lstm diag_bilstm gated_pixelcnn] [--steps 10]
 
 Shapes: binarized MNIST 28x28x1 K=2, and CIFAR-10 32x32x3 K=256 at the same reduced MNIST widths
 (the paper's h=128 / 1024 output maps are GPU sizes; pass --cifar-hidden/--cifar-output to change).
@@ -51,7 +51,7 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm"])
+    parser.add_argument("--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument(

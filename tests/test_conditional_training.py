@@ -4,12 +4,14 @@ grid of the sample-grid callback, and the refusals (data without labels, a label
 checkpoint, a bad label)."""
 
 import json
+import types
 
 import numpy as np
 import pytest
 import torch
 from helpers import ROOT, compose_train, run_script
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -17,6 +19,7 @@ from datamodules.digits import NUM_TEST, NUM_VAL, SPLIT_SEED, DigitsDataModule
 from pixel_models.training.callbacks import SampleGrid
 from pixel_models.training.checkpoint import load_module
 from pixel_models.training.likelihood import SplitNLL
+from pixel_models.training.module import AutoregressiveModule
 from sample import sample
 
 # Two of them in the default run (the contract test covers conditioning in every network); all with -m slow.
@@ -186,3 +189,26 @@ def test_conditional_model_on_binarized_mnist_is_refused_before_training(tmp_pat
     assert "model.conditional=true needs data with classes" in result.stderr + result.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "none").exists()  # nothing was downloaded or created
+
+
+class RecordingWandb(WandbLogger):
+    """Only what SampleGrid uses: log_image, recorded."""
+
+    def __init__(self):
+        self.logged = []
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.logged.append((key, images, kwargs.get("caption")))
+
+
+def test_sample_grid_callback_gives_wandb_the_class_grid(tmp_path):
+    net = {"arch": "gated_pixelcnn", "hidden": 4, "num_layers": 1, "output_hidden": 8}
+    module = AutoregressiveModule(net, 1, 4, 5, conditional=True, num_classes=3)
+    wandb = RecordingWandb()
+    trainer = types.SimpleNamespace(
+        current_epoch=0, global_step=2, sanity_checking=False, is_global_zero=True, loggers=[wandb]
+    )
+    SampleGrid(every_n_epochs=1, num_samples=4).on_train_epoch_end(trainer, module)
+    ((key, (image,), caption),) = wandb.logged
+    assert key == "samples" and caption == ["one row per class, 0..2"]
+    assert image.dtype == "uint8" and image.shape == (3 * 7 + 2, 2 * 7 + 2, 3)  # 3 rows of ceil(4 / 3) = 2

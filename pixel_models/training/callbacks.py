@@ -135,17 +135,23 @@ class SampleGrid(L.Callback):
         epoch = trainer.current_epoch
         if (epoch + 1) % self.every_n_epochs != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        show_image(trainer, "samples", self.sample(pl_module), epoch)
+        classes = getattr(pl_module.net, "num_classes", 0)
+        caption = f"one row per class, 0..{classes - 1}" if classes else None
+        show_image(trainer, "samples", self.sample(pl_module), epoch, caption)
 
 
-def show_image(trainer: L.Trainer, key: str, grid: torch.Tensor, epoch: int) -> None:
+def show_image(
+    trainer: L.Trainer, key: str, grid: torch.Tensor, epoch: int, caption: str | None = None
+) -> None:
     """A grid (3, H, W), float in [0, 1], to every W&B and TensorBoard logger as image ``key`` (W&B gets
-    uint8: it shows float images black); with neither, to ``<default_root_dir>/<key>/epoch_XXX.png``."""
+    uint8: it shows float images black; and the ``caption``); with neither, to
+    ``<default_root_dir>/<key>/epoch_XXX.png``."""
     uint8_hwc = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     shown = False
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[uint8_hwc], step=trainer.global_step)
+            extra = {} if caption is None else {"caption": [caption]}
+            logger.log_image(key=key, images=[uint8_hwc], step=trainer.global_step, **extra)
             shown = True
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, uint8_hwc, trainer.global_step, dataformats="HWC")
