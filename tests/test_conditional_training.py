@@ -80,6 +80,12 @@ def test_conditional_training_reports_per_class_nll_and_samples_class_rows(tmp_p
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     per_class = metrics["test/nll_per_class"]
     assert set(per_class) <= {str(k) for k in range(10)} and len(per_class) >= 2
+    # debug=fast tests 2 batches of 64: the classes of those 128 images weight the table back to test/nll.
+    data = LabelledDigits()
+    data.setup("test")
+    counts = torch.bincount(data.labels["test"][: int(metrics["test/num_images"])], minlength=10).tolist()
+    weighted = sum(counts[int(k)] * v for k, v in per_class.items()) / sum(counts)
+    assert weighted == pytest.approx(metrics["test/nll"], rel=1e-9)
     assert not any("/nll_class_" in k for k in metrics)  # logged float32 copies, not in the report
     module = load_module(tmp_path / "checkpoints" / "last.ckpt")
     assert module.conditional and module.num_classes == 10
