@@ -97,7 +97,9 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn"])
+    parser.add_argument(
+        "--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn"]
+    )
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument(

@@ -51,7 +51,9 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn"])
+    parser.add_argument(
+        "--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn"]
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument(

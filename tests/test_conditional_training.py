@@ -87,6 +87,7 @@ def test_conditional_training_reports_per_class_nll_and_samples_class_rows(tmp_p
     weighted = sum(counts[int(k)] * v for k, v in per_class.items()) / sum(counts)
     assert weighted == pytest.approx(metrics["test/nll"], rel=1e-9)
     assert not any("/nll_class_" in k for k in metrics)  # logged float32 copies, not in the report
+    assert set(metrics["val/nll_per_class"]) == {str(k) for k in range(10)}  # the best checkpoint's
     module = load_module(tmp_path / "checkpoints" / "last.ckpt")
     assert module.conditional and module.num_classes == 10
     with Image.open(tmp_path / "samples.png") as image:  # final_samples=4: one row per class, 1 per row
