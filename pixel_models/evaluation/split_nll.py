@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pixel_models.training.likelihood import per_class_mean
+
 
 def subpixel_nll(module, levels: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
     """-log p in nats of every sub-pixel: integer levels (B, C, H, W) -> float32 (B, C, H, W)."""
@@ -50,16 +52,10 @@ class SplitEvaluation:
 
     def per_class(self) -> dict[int, dict[str, float]]:
         """Per label: the mean NLL (nats/image), bits/dim and number of images; empty without labels."""
-        out = {}
-        for label in torch.unique(self.labels[self.labels >= 0]).tolist():
-            nll = self.nll[self.labels == label]
-            mean = float(nll.mean())
-            out[int(label)] = {
-                "nll": mean,
-                "bpd": mean / (self.dims * math.log(2)),
-                "num_images": len(nll),
-            }
-        return out
+        return {
+            label: {"nll": mean, "bpd": mean / (self.dims * math.log(2)), "num_images": count}
+            for label, (mean, count) in per_class_mean(self.nll, self.labels).items()
+        }
 
     def extremes(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The indices of the ``count`` highest-NLL images (highest first) and lowest (lowest first)."""

@@ -23,6 +23,16 @@ def bits_per_dim(nats_per_image: torch.Tensor | float, dims_per_image: int) -> t
     return nats_per_image / (dims_per_image * math.log(2))
 
 
+def per_class_mean(nll: torch.Tensor, labels: torch.Tensor) -> dict[int, tuple[float, int]]:
+    """Per class: (the mean of its images' NLL, their number), from per-image NLL (N,) and labels (N,)
+    (images labelled -1 are left out). Training's ``SplitNLL`` and ``evaluate.py`` both report this."""
+    result = {}
+    for label in torch.unique(labels[labels >= 0]).tolist():
+        of_class = nll[labels == label].double()
+        result[int(label)] = (float(of_class.sum() / len(of_class)), len(of_class))
+    return result
+
+
 class SplitNLL:
     """Accumulates per-image NLL by dataset index so that a split's mean counts each image exactly once.
 
@@ -55,15 +65,8 @@ class SplitNLL:
     def per_class_mean(self) -> dict[int, tuple[float, int]]:
         """Per class seen: (mean NLL over its images, number of images); empty without labels."""
         seen = (self.count > 0) & (self.label_total > 0)
-        if not seen.any():
-            return {}
         labels = (self.label_total[seen] / self.count[seen]).round().long() - 1
-        nll = self.total[seen] / self.count[seen]
-        result = {}
-        for label in torch.unique(labels).tolist():
-            of_class = nll[labels == label]
-            result[int(label)] = (float(of_class.sum() / len(of_class)), len(of_class))
-        return result
+        return per_class_mean(self.total[seen] / self.count[seen], labels)
 
     @property
     def num_seen(self) -> int:
