@@ -6,16 +6,14 @@ checkpoint, a bad label)."""
 import json
 import types
 
-import numpy as np
 import pytest
 import torch
 from helpers import ROOT, compose_train, run_script
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
-from sklearn.datasets import load_digits
 
-from datamodules.digits import NUM_TEST, NUM_VAL, SPLIT_SEED, DigitsDataModule
+from datamodules.digits import DigitsDataModule
 from pixel_models.training.callbacks import SampleGrid
 from pixel_models.training.checkpoint import load_module
 from pixel_models.training.likelihood import SplitNLL
@@ -30,31 +28,6 @@ ARCHITECTURES = [
 SIZE = 8
 
 
-class LabelledDigits(DigitsDataModule):
-    """The bundled digits with their classes, split as ``DigitsDataModule`` splits the images."""
-
-    num_classes = 10
-
-    def setup(self, stage=None):
-        if self.splits:
-            return
-        super().setup(stage)
-        target = torch.from_numpy(load_digits().target).long()
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(target))
-        num_train = len(target) - NUM_VAL - NUM_TEST
-        parts = np.split(order, [num_train, num_train + NUM_VAL])
-        for split, part in zip(("train", "val", "test"), parts, strict=True):
-            self.labels[split] = target[torch.from_numpy(np.sort(part))]
-
-
-def labelled_data_overrides():
-    """Labelled digits: conf/data/digits.yaml once it declares classes, else ``LabelledDigits``."""
-    cfg = compose_train()
-    if cfg.data.get("num_classes"):
-        return []
-    return [f"data._target_={__name__}.LabelledDigits", "++model.num_classes=10"]
-
-
 def train_conditional(tmp_path, arch: str, *overrides: str):
     from train import train
 
@@ -67,7 +40,6 @@ def train_conditional(tmp_path, arch: str, *overrides: str):
         "model.net.hidden=8",
         "model.conditional=true",
         "model.label_dropout=0.2",
-        *labelled_data_overrides(),
         *overrides,
     )
     return train(cfg)
@@ -81,7 +53,7 @@ def test_conditional_training_reports_per_class_nll_and_samples_class_rows(tmp_p
     per_class = metrics["test/nll_per_class"]
     assert set(per_class) <= {str(k) for k in range(10)} and len(per_class) >= 2
     # debug=fast tests 2 batches of 64: the classes of those 128 images weight the table back to test/nll.
-    data = LabelledDigits()
+    data = DigitsDataModule()
     data.setup("test")
     counts = torch.bincount(data.labels["test"][: int(metrics["test/num_images"])], minlength=10).tolist()
     weighted = sum(counts[int(k)] * v for k, v in per_class.items()) / sum(counts)
