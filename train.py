@@ -65,7 +65,18 @@ warnings.filterwarnings(
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    refuse_conditional_without_labels(cfg)
     return train(cfg)
+
+
+def refuse_conditional_without_labels(cfg: DictConfig) -> None:
+    """One line, before anything is built or read: a conditional model needs data with classes (the
+    module raises the same in-process; here the user gets no traceback)."""
+    if cfg.train and cfg.model.get("conditional") and not cfg.model.get("num_classes"):
+        raise SystemExit(
+            "error: model.conditional=true needs data with classes, and this data has none (num_classes=0; "
+            "binarized MNIST's files hold no labels): pick data with labels or set model.conditional=false"
+        )
 
 
 def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:

@@ -165,7 +165,8 @@ def test_conditional_model_on_binarized_mnist_is_refused_before_training(tmp_pat
         timeout=120,
     )
     assert result.returncode != 0
-    assert "model.conditional=true needs data with classes" in result.stderr + result.stdout
+    assert "model.conditional=true needs data with classes" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "none").exists()  # nothing was downloaded or created
 
