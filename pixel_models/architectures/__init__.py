@@ -9,6 +9,7 @@ from pixel_models.architectures.diagonal_bilstm import DiagonalBiLSTM
 from pixel_models.architectures.gated_pixelcnn import GatedPixelCNN
 from pixel_models.architectures.multiscale import MultiScalePixelRNN
 from pixel_models.architectures.pixelcnn import PixelCNN
+from pixel_models.architectures.pixelcnn_pp import PixelCNNPP
 from pixel_models.architectures.row_lstm import RowLSTM
 
 ARCHITECTURES = {
@@ -17,6 +18,7 @@ ARCHITECTURES = {
     "diag_bilstm": DiagonalBiLSTM,
     "multiscale": MultiScalePixelRNN,
     "gated_pixelcnn": GatedPixelCNN,
+    "pixelcnn_pp": PixelCNNPP,
 }
 
 

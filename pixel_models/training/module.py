@@ -96,6 +96,8 @@ class AutoregressiveModule(L.LightningModule):
             num_classes=num_classes if conditional else 0,
             **net_kwargs,
         )
+        if callable(getattr(self.net, "check_image_size", None)):  # sizes a network cannot take
+            self.net.check_image_size(image_size)
         self.distribution = self.net.distribution
         self.conditional = conditional
         self.num_classes = num_classes if conditional else 0
