@@ -46,6 +46,12 @@ ARCHITECTURE_SETTINGS = {
         "causal_size": (4, 6),
     },
     "gated_pixelcnn": {"net": {"hidden": 12, "num_layers": 2, "output_hidden": 48}},
+    # Three stages (two down- and upsamplings), so sizes are multiples of 4; the first is not square.
+    "pixelcnn_pp": {
+        "net": {"num_filters": 12, "num_resnet": 1, "num_stages": 3},
+        "sizes": [(4, 8), (4, 4), (8, 4), (12, 8)],
+        "causal_size": (4, 8),
+    },
 }
 # Each architecture may name sizes it supports (default below) and output distributions / channel counts it
 # refuses, with the message it must refuse them with.
@@ -53,6 +59,7 @@ DEFAULT_SIZES = [(5, 5), (4, 6), (7, 11), (9, 2), (1, 1)]
 
 DISTRIBUTION_SETTINGS = {
     "categorical": {"name": "categorical"},
+    "logistic_mixture": {"name": "logistic_mixture", "num_mixtures": 3},
 }
 NUM_LEVELS = 4
 NUM_CLASSES = 3

@@ -14,7 +14,8 @@ paper's joint log-likelihood of the pixel, logsumexp_m [log pi_m + sum_c log p_c
 Numerics (float32, also under bf16 autocast: parameters are cast up and autocast is off inside): the
 mass of an inner bin, sigmoid(a) - sigmoid(b) with a > b, is taken in log space through the exact
 identity sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a)), i.e.
-logsigmoid(a) + logsigmoid(-b) + log(-expm1(b - a)): finite and accurate for every a > b, so the
+logsigmoid(a) + logsigmoid(-b) + log(1 - exp(-(a - b))), with a - b (the bin width over the scale) taken
+from the log-scale directly and a series for tiny widths: finite and accurate for every a > b, so the
 paper's fallback (log-density at the bin centre when the mass is below 1e-5) is not needed; that
 fallback is an approximation which would break the K probabilities' sum to 1. Log-scales are clamped at
 -7 as in the paper; mixture sums use log-sum-exp.
@@ -24,6 +25,8 @@ C=3): the M mixture logits, then for each colour c its M means, M log-scales and
 (coefficient of colour c on earlier colour c' at ``2M + c' * M + m`` of colour c's block). Colour
 groups (``param_groups``): the logits group 0, colour c's block group c.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +97,14 @@ class LogisticMixture:
         lower = (y - half_width - mean) * inv_scale
         below_upper = F.logsigmoid(upper)  # log CDF(upper edge)
         above_lower = F.logsigmoid(-lower)  # log (1 - CDF(lower edge))
-        inner = below_upper + above_lower + torch.log(-torch.expm1(lower - upper))
+        # log(1 - exp(-a)) for a = upper - lower = the bin's width in scales, taken from log_scale (no
+        # cancellation, no underflow to a = 0 for huge scales); a series where a is tiny.
+        log_width = math.log(2 * half_width) - log_scale
+        width = torch.exp(log_width)
+        tiny = width < 1e-3
+        safe = torch.where(tiny, torch.ones_like(width), width)  # keeps the unused branch's gradient finite
+        log_gap = torch.where(tiny, log_width - width / 2 + width * width / 24, torch.log(-torch.expm1(-safe)))
+        inner = below_upper + above_lower + log_gap
         first, last = level == 0, level == self.num_levels - 1
         return torch.where(first, below_upper, torch.where(last, above_lower, inner))
 
