@@ -20,7 +20,10 @@ Fields: ``*_ms_per_step`` (one sub-pixel for the whole batch), ``*_images_per_s`
 ``cached_rows_timed``, ``naive_steps_timed``, ``naive_extrapolated``. An architecture without a model
 config gets one line saying it was skipped.
 
-    python benchmarks/sampling.py [--models pixelcnn row_lstm diag_bilstm gated_pixelcnn] [--batches 1 16 64]
+    python benchmarks/sampling.py [--models pixelcnn ... pixelcnn_pp] [--batches 1 16 64]
+
+PixelCNN++ runs at its own config (`conf/model/pixelcnn_pp.yaml`: 32 filters, 2 blocks per stage, 3
+stages, logistic mixture of 10); --pp-filters / --pp-resnet change it. The JSON gives its net as ``net``.
 """
 
 import argparse
@@ -98,7 +101,9 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--models", nargs="+", default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn"]
+        "--models",
+        nargs="+",
+        default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn", "pixelcnn_pp"],
     )
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
@@ -110,6 +115,8 @@ def main():
         "--cifar-hidden", type=int, default=None, help="h at CIFAR-10 shapes (default: MNIST's)"
     )
     parser.add_argument("--cifar-output", type=int, default=None, help="output maps at CIFAR-10 shapes")
+    parser.add_argument("--pp-filters", type=int, default=None, help="PixelCNN++ filters (default: config's)")
+    parser.add_argument("--pp-resnet", type=int, default=None, help="PixelCNN++ blocks per stage")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -127,7 +134,15 @@ def main():
             if not (CONF / "model" / f"{model}.yaml").is_file():
                 print(json.dumps({"case": case, "skipped": f"no conf/model/{model}.yaml"}), flush=True)
                 continue
-            module = build(model, data, overrides)
+            if model == "pixelcnn_pp":  # its net has no hidden / output_hidden
+                model_overrides = [o for o in overrides if not o.startswith("model.net.")]
+                if args.pp_filters:
+                    model_overrides.append(f"model.net.num_filters={args.pp_filters}")
+                if args.pp_resnet:
+                    model_overrides.append(f"model.net.num_resnet={args.pp_resnet}")
+            else:
+                model_overrides = overrides
+            module = build(model, data, model_overrides)
             size, channels, num_levels = module.image_size, module.num_channels, module.num_levels
             for batch in args.batches:
                 noise = uniform_noise(batch, channels, size, size, seed=0)
@@ -141,9 +156,11 @@ def main():
                         {
                             "case": case,
                             "batch": batch,
-                            "hidden": module.hparams.net["hidden"],
-                            "layers": module.hparams.net["num_layers"],
-                            "output_hidden": module.hparams.net["output_hidden"],
+                            "hidden": module.hparams.net.get("hidden"),
+                            "layers": module.hparams.net.get("num_layers"),
+                            "output_hidden": module.hparams.net.get("output_hidden"),
+                            "net": {k: v for k, v in module.hparams.net.items() if k != "arch"},
+                            "output": module.hparams.output["name"],
                             "threads": torch.get_num_threads(),
                             "cached_ms_per_step": round(cached * 1e3, 3),
                             "cached_images_per_s": round(batch / (cached * steps_per_image), 2),
