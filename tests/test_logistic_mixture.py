@@ -37,7 +37,9 @@ def reference_pixel_nll(params: torch.Tensor, levels: torch.Tensor, num_mixtures
         means = params[offset : offset + m].clone()
         log_scales = params[offset + m : offset + 2 * m].clamp(min=-7.0)
         for earlier in range(c):
-            coefficient = torch.tanh(params[offset + 2 * m + earlier * m : offset + 2 * m + (earlier + 1) * m])
+            coefficient = torch.tanh(
+                params[offset + 2 * m + earlier * m : offset + 2 * m + (earlier + 1) * m]
+            )
             means = means + coefficient * y[earlier]
         offset += (2 + c) * m
         scales = torch.exp(log_scales)
@@ -77,7 +79,9 @@ def test_nll_equals_the_papers_likelihood_and_the_gathered_log_probs(num_channel
     for b in range(2):
         for i in range(3):
             for j in range(4):
-                reference[b] += reference_pixel_nll(params[b, :, i, j], levels[b, :, i, j], mixtures, num_levels)
+                reference[b] += reference_pixel_nll(
+                    params[b, :, i, j], levels[b, :, i, j], mixtures, num_levels
+                )
     torch.testing.assert_close(nll, reference, rtol=0, atol=1e-5)
     # The contract's per-sub-pixel conditionals, gathered at the observed levels, give the same NLL.
     log_probs = dist.log_probs(params, levels.double() / (num_levels - 1))

@@ -52,10 +52,13 @@ def right_shift(x: torch.Tensor) -> torch.Tensor:
 
 class ShiftedConv2d(nn.Conv2d):
     """A (kh, kw) convolution zero padded kh - 1 rows above (none below), ``left`` columns on the left and
-    kw - 1 - left on the right: output (i, j) reads rows i - kh + 1 .. i, columns j - left .. j - left + kw - 1.
+    kw - 1 - left on the right: output (i, j) reads rows i - kh + 1 .. i, columns j - left ..
+    j - left + kw - 1.
     Down-shifted: (2, 3) with left 1; down-right-shifted: (2, 2) with left 1; (2, 1) with left 0."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], left: int, stride=1):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], left: int, stride=1
+    ):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride)
         self.left = left
         self.padding_lrtb = (left, kernel_size[1] - 1 - left, kernel_size[0] - 1, 0)
@@ -358,8 +361,12 @@ class CachedPixelCNNPPStepper:
         self.down_ul = [[GatedResNetAt(b) for b in stage] for stage in net.down_ul]
         self.downsample_u = [ShiftedConvAt(conv) for conv in net.downsample_u]
         self.downsample_ul = [ShiftedConvAt(conv) for conv in net.downsample_ul]
-        self.upsample_u = [(conv.weight.detach().clone(), conv.bias.detach().clone()) for conv in net.upsample_u]
-        self.upsample_ul = [(conv.weight.detach().clone(), conv.bias.detach().clone()) for conv in net.upsample_ul]
+        self.upsample_u = [
+            (conv.weight.detach().clone(), conv.bias.detach().clone()) for conv in net.upsample_u
+        ]
+        self.upsample_ul = [
+            (conv.weight.detach().clone(), conv.bias.detach().clone()) for conv in net.upsample_ul
+        ]
         self.pixel_head = net.pixel_head
         if self.pixel_head:
             self.head_features = LinearAt(net.head_features)
@@ -436,10 +443,17 @@ class CachedPixelCNNPPStepper:
             if s < self.num_stages - 1:
                 if s in stages:
                     weight, bias = self.upsample_u[s]
-                    low = u.row().permute(0, 2, 1)[:, :, None]  # (B, F, 1, W_low): row (r // 2) of stage s + 1
+                    low = u.row().permute(0, 2, 1)[
+                        :, :, None
+                    ]  # (B, F, 1, W_low): row (r // 2) of stage s + 1
                     r = i >> s
                     up = F.conv_transpose2d(
-                        low, weight[:, :, r % 2 : r % 2 + 1], bias, stride=(1, 2), padding=(0, 1), output_padding=(0, 1)
+                        low,
+                        weight[:, :, r % 2 : r % 2 + 1],
+                        bias,
+                        stride=(1, 2),
+                        padding=(0, 1),
+                        output_padding=(0, 1),
                     )
                     self.down_u_in[s].set_row(up[:, :, 0].transpose(1, 2))
                 u = self.down_u_in[s]

@@ -1,10 +1,12 @@
-"""The discretized logistic mixture of Salimans, Karpathy, Chen & Kingma, *PixelCNN++* (ICLR 2017), section 2.1-2.2.
+"""The discretized logistic mixture of Salimans, Karpathy, Chen & Kingma, *PixelCNN++* (ICLR 2017),
+sections 2.1-2.2.
 
 A pixel's colours share one mixture indicator m ~ pi. Given m, colour c is a logistic with mean mu_{m,c}
 and scale s_{m,c}, discretized to K levels: level k is the bin [y_k - 1/(K-1), y_k + 1/(K-1)] around
 y_k = 2k/(K-1) - 1 on [-1, 1], the first and last bins open to -inf and +inf, so the K probabilities of
 a sub-pixel sum to 1 exactly. For C=3, G's and B's means depend linearly on the pixel's earlier colours
-(the paper's coefficients, tanh-squashed): mu_G = mu'_G + alpha * y_R, mu_B = mu'_B + beta * y_R + gamma * y_G.
+(the paper's coefficients, tanh-squashed): mu_G = mu'_G + alpha * y_R and
+mu_B = mu'_B + beta * y_R + gamma * y_G.
 
 The contract asks for the conditionals of one sub-pixel at a time, and they are exact: with the
 indicator shared, log p(x_c | x_<c) = logsumexp_m [log w_m(x_<c) + log p_c(x_c | m, x_<c)] with the
@@ -42,9 +44,7 @@ class LogisticMixture:
         if num_levels < 2:
             raise ValueError(f"num_levels must be at least 2, got {num_levels}")
         if isinstance(num_mixtures, bool) or not isinstance(num_mixtures, int) or num_mixtures < 1:
-            raise ValueError(
-                f"model.output.num_mixtures must be a positive integer, got {num_mixtures!r}"
-            )
+            raise ValueError(f"model.output.num_mixtures must be a positive integer, got {num_mixtures!r}")
         self.num_channels = num_channels
         self.num_levels = num_levels
         self.num_mixtures = num_mixtures
@@ -78,7 +78,7 @@ class LogisticMixture:
             )
 
     def _colour(self, params: torch.Tensor, y: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Means and log-scales (B, M, N) of colour c, the means shifted by the earlier colours y (B, C, N)."""
+        """Means and log-scales (B, M, N) of colour c; the means shifted by earlier colours y (B, C, N)."""
         m, start = self.num_mixtures, self.block_offsets[c]
         mean = params[:, start : start + m]
         log_scale = params[:, start + m : start + 2 * m].clamp(min=LOG_SCALE_MIN)
@@ -103,7 +103,9 @@ class LogisticMixture:
         width = torch.exp(log_width)
         tiny = width < 1e-3
         safe = torch.where(tiny, torch.ones_like(width), width)  # keeps the unused branch's gradient finite
-        log_gap = torch.where(tiny, log_width - width / 2 + width * width / 24, torch.log(-torch.expm1(-safe)))
+        log_gap = torch.where(
+            tiny, log_width - width / 2 + width * width / 24, torch.log(-torch.expm1(-safe))
+        )
         inner = below_upper + above_lower + log_gap
         first, last = level == 0, level == self.num_levels - 1
         return torch.where(first, below_upper, torch.where(last, above_lower, inner))
