@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import compose_train
+from helpers import ROOT, compose_train
 from hydra.utils import instantiate
 
 from pixel_models.distributions import build_distribution
@@ -180,7 +180,7 @@ def test_bad_settings_are_clear_errors():
         dist.nll(torch.zeros(1, 7, 2, 2), torch.zeros(1, 3, 2, 2, dtype=torch.long))
 
 
-@pytest.mark.parametrize("model", ["pixelcnn", "row_lstm", "diag_bilstm", "pixelcnn_pp"])
+@pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
 def test_config_selects_the_mixture_for_every_architecture(model):
     net = {"pixelcnn_pp": "model.net.num_filters=8"}.get(model, "model.net.hidden=6")
     cfg = compose_train(
