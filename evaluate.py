@@ -28,6 +28,7 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import Progress
 
+from pixel_models.cli import user_errors
 from pixel_models.evaluation.bits_map import bits_map_image
 from pixel_models.evaluation.extremes import extremes_grid
 from pixel_models.evaluation.split_nll import evaluate_split
@@ -146,7 +147,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with user_errors():  # a user error: one line, exit code 2
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

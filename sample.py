@@ -21,24 +21,33 @@ for every sub-pixel (the reference, H*W*C times slower to much slower). Both giv
 """
 
 import logging
+import math
+import os
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from rich.progress import Progress
 from torchvision.utils import make_grid, save_image
 
+from pixel_models.cli import user_errors
 from pixel_models.sampling.generate import check_method, class_rows, generate, levels_grid, uniform_noise
-from pixel_models.training.checkpoint import CheckpointError, load_checkpoint, load_module
+from pixel_models.training.checkpoint import (
+    CheckpointError,
+    data_module_from_checkpoint,
+    load_checkpoint,
+    module_from_checkpoint,
+)
 
 log = logging.getLogger("sample")
 
 MODES = ("generate", "complete")
 SPLIT_STAGES = {"train": "fit", "val": "validate", "test": "test"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+LEVELS_SUFFIXES = (".pt", ".npz")
 
 
 def pick_device(name: str) -> torch.device:
@@ -46,7 +55,62 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda, but no CUDA GPU is available here; use device=cpu (or auto)")
     return torch.device(name)
+
+
+def check_output_path(key: str, value, suffixes: tuple[str, ...]) -> Path:
+    """An output file setting: a known suffix, not a folder, in a folder that exists or can be made and
+    that we may write to. Checked before any sampling starts."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a file name ending in {' or '.join(suffixes)}, got {value!r}")
+    path = Path(value)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{key}={value} must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise ValueError(f"{key}={value} is a folder; give a file name")
+    folder = path.parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ValueError(f"{key}={value}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={value}: folder {existing} is not writable")
+    return path
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Every setting of sample.py, before the checkpoint is read or anything sampled."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown mode {cfg.mode!r}; choose generate or complete")
+    check_method(cfg.method)
+    for key in ("batch_size", "num_samples", "num_images", "completions_per_image"):
+        if type(cfg[key]) is not int or not 1 <= cfg[key] <= 1_000_000:
+            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if type(cfg.seed) is not int:
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    temperature = cfg.temperature
+    if type(temperature) not in (int, float) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(
+            f"temperature must be a finite number above 0 (1 = the model's own), got {temperature!r}"
+        )
+    check_output_path("output", cfg.output, IMAGE_SUFFIXES)
+    if cfg.save_levels is not None:
+        check_output_path("save_levels", cfg.save_levels, LEVELS_SUFFIXES)
+    pick_device(cfg.device)
+    if cfg.mode == "complete":
+        if cfg.split not in SPLIT_STAGES:
+            raise ValueError(f"unknown split {cfg.split!r}; choose train, val or test")
+        for key in ("image", "data_dir"):
+            if cfg[key] is not None and not isinstance(cfg[key], str):
+                raise ValueError(f"{key} must be a path, got {cfg[key]!r}")
+        if cfg.image is not None and not Path(cfg.image).is_file():
+            raise ValueError(f"image file not found: {cfg.image}")
+        mask = cfg.mask
+        if not isinstance(mask, str):
+            raise ValueError(f"mask must be top_half, left_half or a .png file, got {mask!r}")
+        if mask.lower().endswith(".png") and not Path(mask).is_file():
+            raise ValueError(f"mask file not found: {mask}")
 
 
 def save_levels(path: Path, levels: torch.Tensor, **extra: torch.Tensor) -> None:
@@ -77,11 +141,10 @@ def checkpoint_datamodule(ckpt: dict, ckpt_path: str, split: str, data_dir: str 
         )
     if split not in SPLIT_STAGES:
         raise ValueError(f"unknown split {split!r}; choose train, val or test")
+    # Never instantiated as written: the name maps onto one of our data modules, its values are checked.
     if data_dir is not None:
-        if "data_dir" not in data_config:
-            raise ValueError(f"the checkpoint's dataset ({data_config.get('_target_')}) takes no data_dir")
         overrides["data_dir"] = data_dir
-    datamodule = instantiate(data_config, **overrides)
+    datamodule = data_module_from_checkpoint(data_config, ckpt_path, **overrides)
     datamodule.prepare_data()  # fetches missing files, as training did, or says where to put them
     if split == "test" and not datamodule.has_test_split():
         raise ValueError("the checkpoint's dataset has no test split here; use split=val")
@@ -101,13 +164,20 @@ def file_image(path: str, channels: int, size: int, num_levels: int) -> torch.Te
     """One image file as levels (1, C, H, W) of the model's K: grey or RGB as the model wants."""
     if not Path(path).is_file():
         raise ValueError(f"image file not found: {path}")
-    with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
+    image = _read_image(path, "L" if channels == 1 else "RGB", "image")
     if image.size != (size, size):
         raise ValueError(f"{path} is {image.size[0]}x{image.size[1]}; the model takes {size}x{size} images")
     values = torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0)
     values = values[None] if channels == 1 else values.permute(2, 0, 1)
     return (values * (num_levels - 1)).round().long()[None]
+
+
+def _read_image(path: str, mode: str, key: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"{key}={path} is not an image file this can read ({type(err).__name__})") from None
 
 
 def known_pixels(mask: str, size: int) -> torch.Tensor:
@@ -120,8 +190,7 @@ def known_pixels(mask: str, size: int) -> torch.Tensor:
     elif mask.lower().endswith(".png"):
         if not Path(mask).is_file():
             raise ValueError(f"mask file not found: {mask}")
-        with Image.open(mask) as image:
-            grey = np.asarray(image.convert("L"))
+        grey = np.asarray(_read_image(mask, "L", "mask"))
         if grey.shape != (size, size):
             height, width = grey.shape
             raise ValueError(f"mask {mask} is {width}x{height}; the model's images are {size}x{size}")
@@ -196,21 +265,15 @@ def sample_batches(
 
 def sample(cfg: DictConfig) -> torch.Tensor:
     """Runs sample.py; returns the sampled levels (N, C, H, W) (completions: all of them, image by image)."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"unknown mode {cfg.mode!r}; choose generate or complete")
-    check_method(cfg.method)
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
+    check_settings(cfg)
     device = pick_device(cfg.device)
-    module = load_module(cfg.ckpt_path)
+    module = module_from_checkpoint(load_checkpoint(cfg.ckpt_path), cfg.ckpt_path).eval()
     label = check_label(cfg.get("label"), module, cfg.mode)
     net = module.net.to(device)
     size, channels, num_levels = module.image_size, module.num_channels, module.num_levels
     output = Path(cfg.output)
 
     if cfg.mode == "generate":
-        if cfg.num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {cfg.num_samples}")
         if label == "all":  # one row per class, the same noise in every row
             labels, per_class = class_rows(module.num_classes, cfg.num_samples)
             noise = uniform_noise(per_class, channels, size, size, cfg.seed)
@@ -222,8 +285,6 @@ def sample(cfg: DictConfig) -> torch.Tensor:
         grid = levels_grid(levels, num_levels, nrow=per_class)
         extra = {} if labels is None else {"labels": labels}
     else:
-        if cfg.completions_per_image < 1 or cfg.num_images < 1:
-            raise ValueError("num_images and completions_per_image must be positive")
         known = known_pixels(str(cfg.mask), size)  # before loading data: a bad mask fails fast
         if cfg.image is not None:
             images = file_image(cfg.image, channels, size, num_levels)
@@ -259,7 +320,8 @@ def sample(cfg: DictConfig) -> torch.Tensor:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    with user_errors():
+        sample(cfg)
 
 
 if __name__ == "__main__":

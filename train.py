@@ -27,15 +27,19 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
+from pixel_models.cli import user_errors
 from pixel_models.sampling.generate import sample_class_grid, sample_grid
 from pixel_models.training.builders import build, build_all
 from pixel_models.training.callbacks import StoreDataConfig
 from pixel_models.training.checkpoint import (
     best_score,
+    check_checkpoint_module,
     check_data_matches,
+    check_model_settings,
+    check_network_size,
     check_resume_matches,
     load_checkpoint,
     load_module,
@@ -46,6 +50,7 @@ from pixel_models.training.faults import AtomicCheckpointIO, FaultHandling
 from pixel_models.training.launching import in_multirun, refuse_relaunching_ddp
 from pixel_models.training.reporting import report
 from pixel_models.training.resumable import ResumableTrainOrder
+from pixel_models.training.resuming import ResumeState
 from pixel_models.training.tracking import (
     LogConfig,
     finish_wandb,
@@ -66,7 +71,25 @@ warnings.filterwarnings(
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     refuse_conditional_without_labels(cfg)
-    return train(cfg)
+    with user_errors():
+        return train(cfg)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Every setting checked before anything is built or read: one clear error naming the key."""
+    for key in ("train", "test"):
+        if type(cfg[key]) is not bool:
+            raise ValueError(f"{key} must be true or false, got {cfg[key]!r}")
+    if type(cfg.final_samples) is not int or not 0 <= cfg.final_samples <= 1024:
+        raise ValueError(
+            f"final_samples must be an integer in [0, 1024] (0: none), got {cfg.final_samples!r}"
+        )
+    if type(cfg.seed) is not int:
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    if cfg.train:
+        settings = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k[0] != "_"}
+        check_model_settings(settings, "model.")
+        check_network_size(settings, "model.")
 
 
 def refuse_conditional_without_labels(cfg: DictConfig) -> None:
@@ -80,19 +103,23 @@ def refuse_conditional_without_labels(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:
+    check_settings(cfg)
     # A checkpoint is read first, with weights_only=True: a bad file fails here, clearly, having run nothing.
     ckpt = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path is not None else None
     if not cfg.train and ckpt is None:
         raise ValueError("train=false evaluates a checkpoint: pass ckpt_path=<file.ckpt>")
 
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build(cfg.data)
     if cfg.train:
+        if ckpt is not None:
+            check_checkpoint_module(ckpt, cfg.ckpt_path)  # its settings and weights, as for evaluation
         model = build(cfg.model)
         if ckpt is not None:
             check_resume_matches(model, ckpt, cfg.ckpt_path)
     else:
-        model = module_from_checkpoint(ckpt)  # the checkpoint's own architecture, whatever cfg.model says
+        # the checkpoint's own architecture, whatever cfg.model says
+        model = module_from_checkpoint(ckpt, cfg.ckpt_path)
+    datamodule = build(cfg.data)
     check_data_matches(model, datamodule, ckpt)
     if cfg.get("compile"):
         # In place: parameter names (hence checkpoints) stay those of the plain network.
@@ -104,12 +131,14 @@ def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:
         StoreDataConfig(cfg.data),
         LogConfig(run_config(cfg), cfg.get("output_dir")),
         ResumableTrainOrder(cfg.seed),
+        ResumeState(),
         faults,
         *extra_callbacks,
     ]
     wandb_mode_before = os.environ.get("WANDB_MODE")
     loggers = make_loggers(cfg.get("logger"))
     exit_code = 1
+    trainer = None
     try:
         trainer = build(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -121,7 +150,9 @@ def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:
     except SIGTERMException:
         name = faults.signal_name or "SIGTERM"
         exit_code = 128 + int(getattr(signal, name, signal.SIGTERM))
-        where = faults.interrupted_path
+        # Stopped after training (in the test stage): the last checkpoint resumes what is left.
+        last = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer is not None else None
+        where = faults.interrupted_path or last
         log.warning(f"training stopped by {name}" + (f"; resume with ckpt_path={where}" if where else ""))
         raise SystemExit(exit_code) from None
     finally:
@@ -166,21 +197,28 @@ def run_stages(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt: dic
                     {f"test/{k}": metrics.get(f"best/{k}") for k in ("checkpoint", "epoch", "global_step")}
                 )
 
-    if cfg.final_samples and best and trainer.is_global_zero:
-        final = load_module(best)
-        facts = (final.num_channels, final.image_size, final.num_levels, cfg.seed)
-        if final.conditional:  # one row per class
-            grid = sample_class_grid(final.net, cfg.final_samples, *facts)[-1]
-        else:
-            grid = sample_grid(final.net, cfg.final_samples, *facts)[1]
-        save_image(grid, Path(cfg.output_dir) / "samples.png")
-        log.info(f"samples written to {Path(cfg.output_dir) / 'samples.png'}")
-
     if trainer.is_global_zero:
         report(metrics, cfg.get("output_dir"), {"world_size": trainer.world_size})
+    # After metrics.json: a failure here loses neither it nor a checkpoint.
+    if cfg.final_samples and best and trainer.is_global_zero:
+        try:
+            write_final_samples(cfg, best)
+        except Exception as err:  # noqa: BLE001 - reported; the run's results are already written
+            log.error(f"final samples failed ({type(err).__name__}: {err}); metrics.json and {best} are kept")
     if cfg.optimized_metric not in metrics and trainer.is_global_zero:
         log.warning(f"optimized_metric={cfg.optimized_metric} was not measured: this run returns None")
     return metrics.get(cfg.optimized_metric)
+
+
+def write_final_samples(cfg: DictConfig, best: str) -> None:
+    final = load_module(best)
+    facts = (final.num_channels, final.image_size, final.num_levels, cfg.seed)
+    if final.conditional:  # one row per class
+        grid = sample_class_grid(final.net, cfg.final_samples, *facts)[-1]
+    else:
+        grid = sample_grid(final.net, cfg.final_samples, *facts)[1]
+    save_image(grid, Path(cfg.output_dir) / "samples.png")
+    log.info(f"samples written to {Path(cfg.output_dir) / 'samples.png'}")
 
 
 def split_metrics(trainer: L.Trainer, model, stage: str) -> dict:

@@ -1,5 +1,6 @@
 """Resuming from a checkpoint continues exactly: weights, step, optimizer and scheduler state, data order."""
 
+import json
 import os
 import signal
 
@@ -118,3 +119,181 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_split_over_ranks():
     order.start(epoch=2, skip=5)
     assert list(order) == order.indices(2)[5:]
     assert list(order) == order.indices(order.epoch)  # a skip applies to one pass only
+
+
+# ------------------------------------------------------------ interrupted anywhere, resumed: the same run
+def whole_run_cfg(out, *overrides):
+    """3 epochs of 4 steps, validation over 3 batches, then the test stage: a run with every stage."""
+    return compose_train(
+        f"output_dir={out}",
+        *TINY_RUN,
+        "data.batch_size=16",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=3",
+        "trainer.limit_test_batches=2",
+        "trainer.max_epochs=3",
+        "model.scheduler.name=exponential",
+        "+model.scheduler.gamma=0.5",
+        *overrides,
+    )
+
+
+class SigtermInValidation(L.Callback):
+    """A real SIGTERM after validation batch ``batch`` of epoch ``epoch`` (inside training)."""
+
+    def __init__(self, epoch, batch=0):
+        self.epoch, self.batch = epoch, batch
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.state.fn == "fit" and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigtermInTest(L.Callback):
+    def on_test_batch_end(self, trainer, *args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigtermWhileSaving(L.Callback):
+    """A real SIGTERM while the checkpoint after epoch ``epoch``'s validation is being written."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.current_epoch == self.epoch and trainer.state.fn == "fit":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def finished(out, *callbacks):
+    """Runs train.py to the end; its returned value, metrics.json, final and best weights."""
+    capture = Capture()
+    from train import train
+
+    returned = train(
+        whole_run_cfg(out, *[a for a in callbacks if isinstance(a, str)]),
+        extra_callbacks=[*[c for c in callbacks if not isinstance(c, str)], capture],
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = load_checkpoint(metrics["checkpoint"])
+    # checkpoints are compared by name: the resumed run has its own folder
+    for key in [k for k in metrics if k.endswith("checkpoint")]:
+        metrics[key] = metrics[key] and os.path.basename(metrics[key])
+    return returned, metrics, best, capture
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    return finished(tmp_path_factory.mktemp("whole_run"))
+
+
+@pytest.mark.parametrize(
+    "interruption",
+    [
+        pytest.param(lambda: SigtermAt(5), id="training step"),
+        pytest.param(lambda: SigtermInValidation(epoch=1), id="validation"),
+        pytest.param(lambda: SigtermInValidation(epoch=2, batch=1), id="last validation"),
+        pytest.param(lambda: SigtermWhileSaving(epoch=1), id="checkpoint write", marks=pytest.mark.slow),
+        pytest.param(lambda: SigtermInTest(), id="test stage"),
+    ],
+)
+def test_interrupted_anywhere_then_resumed_ends_as_the_uninterrupted_run(tmp_path, whole_run, interruption):
+    from train import train
+
+    with pytest.raises(SystemExit) as stopped:
+        train(whole_run_cfg(tmp_path / "first"), extra_callbacks=[interruption()])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    checkpoints = tmp_path / "first" / "checkpoints"
+    resume_from = checkpoints / "interrupted.ckpt"
+    if not resume_from.exists():  # stopped after training: the last checkpoint holds everything
+        resume_from = checkpoints / "last.ckpt"
+    returned, metrics, best, capture = finished(tmp_path / "second", f"ckpt_path={resume_from}")
+
+    whole_returned, whole_metrics, whole_best, whole_capture = whole_run
+    assert returned == whole_returned
+    assert metrics == whole_metrics  # every metric, the step count, and so nan nowhere
+    assert best["epoch"] == whole_best["epoch"]
+    for name, value in whole_best["state_dict"].items():
+        assert torch.equal(best["state_dict"][name], value), name
+    if hasattr(capture, "weights"):  # (a run resumed after its last epoch trains no more)
+        for name, value in whole_capture.weights.items():
+            assert torch.equal(capture.weights[name], value), name
+
+
+def test_a_run_resumed_in_a_new_folder_keeps_the_best_checkpoint_of_before(tmp_path):
+    # lr=1 makes epoch 1 worse than epoch 0: the resumed run must not call epoch 1 the best (Lightning
+    # forgets the best score when the checkpoint folder changes).
+    settings = ("model.optimizer.lr=1.0", "model.scheduler.name=none", "trainer.max_epochs=2", "test=false")
+    whole_returned, whole_metrics, whole_best, _ = finished(tmp_path / "whole", *settings)
+    assert whole_best["epoch"] == 0, "the setup no longer makes epoch 1 worse than epoch 0"
+    from train import train
+
+    with pytest.raises(SystemExit):
+        train(whole_run_cfg(tmp_path / "first", *settings), extra_callbacks=[SigtermAt(5)])
+    first_best = tmp_path / "first" / "checkpoints" / "best_epoch000.ckpt"
+    before = first_best.read_bytes()
+    interrupted = tmp_path / "first" / "checkpoints" / "interrupted.ckpt"
+    returned, metrics, best, _ = finished(tmp_path / "second", *settings, f"ckpt_path={interrupted}")
+    assert returned == whole_returned and metrics == whole_metrics and best["epoch"] == 0
+    # the resumed run's folder holds its best checkpoint; the first run's is untouched
+    assert (tmp_path / "second" / "checkpoints" / "best_epoch000.ckpt").read_bytes() == before
+    assert first_best.read_bytes() == before
+
+
+class LearningRates(L.Callback):
+    """The learning rate and weight decay each training step ran with."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        group = trainer.optimizers[0].param_groups[0]
+        self.seen.append((trainer.global_step, group["lr"], group["weight_decay"]))
+
+
+def test_changed_optimizer_and_schedule_settings_apply_from_the_first_resumed_step(tmp_path, caplog):
+    run(make_cfg(tmp_path / "first", "trainer.max_epochs=1", "trainer.max_steps=-1"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"  # after epoch 0: lr 1e-3 * 0.5
+    rates = LearningRates()
+    with caplog.at_level("WARNING"):
+        run(
+            make_cfg(
+                tmp_path / "second",
+                f"ckpt_path={last}",
+                "trainer.max_epochs=3",
+                "trainer.max_steps=-1",
+                "model.optimizer.lr=0.01",
+                "model.optimizer.weight_decay=0.1",
+                "model.scheduler.gamma=0.25",
+            ),
+            rates,
+        )
+    # epoch 1 at the new rate times the schedule's factor so far (0.5); epoch 2 with the new gamma
+    assert [step for step, *_ in rates.seen] == list(range(4, 12))
+    for step, lr, weight_decay in rates.seen:
+        assert lr == pytest.approx(0.01 * 0.5 * (0.25 if step >= 8 else 1.0)) and weight_decay == 0.1
+    assert "model.optimizer.lr changed from 0.001 to 0.01, from step 4" in caplog.text
+    assert "model.scheduler.gamma changed from 0.5 to 0.25" in caplog.text
+    # what the new checkpoint records is what ran
+    ckpt = load_checkpoint(tmp_path / "second" / "checkpoints" / "last.ckpt")
+    assert ckpt["hyper_parameters"]["optimizer"]["lr"] == 0.01
+    assert ckpt["hyper_parameters"]["scheduler"]["gamma"] == 0.25
+    assert ckpt["lr_schedulers"][0]["gamma"] == 0.25 and ckpt["lr_schedulers"][0]["base_lrs"] == [0.01]
+    assert {c["setting"]: (c["old"], c["new"], c["step"]) for c in ckpt["setting_changes"]} == {
+        "optimizer.lr": (0.001, 0.01, 4),
+        "optimizer.weight_decay": (0.0, 0.1, 4),
+        "scheduler.gamma": (0.5, 0.25, 4),
+    }
+
+
+def test_a_resumed_run_removes_the_temporary_files_a_killed_write_left(tmp_path):
+    run(make_cfg(tmp_path / "first", "trainer.max_steps=2"))
+    checkpoints = tmp_path / "first" / "checkpoints"
+    dead_pid = 4_000_000  # above Linux's pid_max: no process has it
+    stale = checkpoints / f".last.ckpt.tmp-{dead_pid}-0123abcd"
+    stale.write_bytes(b"PK half a checkpoint")
+    live = checkpoints / f".best.ckpt.tmp-{os.getpid()}-0123abcd"  # a write still in progress: kept
+    live.write_bytes(b"PK")
+    run(make_cfg(tmp_path / "second", "trainer.max_steps=3", f"ckpt_path={checkpoints / 'last.ckpt'}"))
+    assert not stale.exists() and live.exists()

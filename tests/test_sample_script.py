@@ -49,7 +49,11 @@ def ckpts(tmp_path_factory):
     trainer.fit(module, datamodule=instantiate(data_config))
     trainer.save_checkpoint(folder / "digits.ckpt")
     ckpt = torch.load(folder / "digits.ckpt", weights_only=True)
-    assert ckpt["data_config"] == data_config
+    # the conf/data option's name and its plain values, never a _target_
+    assert ckpt["data_config"] == {"name": "digits"} | {
+        k: v for k, v in data_config.items() if k != "_target_"
+    }
+    torch.save(ckpt | {"data_config": data_config}, folder / "old_format.ckpt")  # as written before: _target_
     del ckpt["data_config"]
     torch.save(ckpt, folder / "no_data.ckpt")
     rgb = AutoregressiveModule(TINY_NET | {"hidden": 6}, num_channels=3, num_levels=4, image_size=6)

@@ -2,6 +2,7 @@
 training signals people watch (learning rate, gradient norm, throughput, epoch time, peak GPU memory) and
 the console model summary."""
 
+import logging
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from pixel_models.sampling.generate import (
     sample_grid,
     uniform_noise,
 )
+from pixel_models.training.checkpoint import stored_data_config
+
+log = logging.getLogger(__name__)
 
 
 class LastAndBestCheckpoint(ModelCheckpoint):
@@ -54,18 +58,28 @@ class LastAndBestCheckpoint(ModelCheckpoint):
 
 
 class StoreDataConfig(L.Callback):
-    """Writes the data module's config (plain values) into every checkpoint as ``data_config``.
+    """Writes which data config was used into every checkpoint as ``data_config``: ``{"name": <the
+    conf/data option>, <its plain settings>}``, never a ``_target_``.
 
-    sample.py uses it to load images of the same dataset for completion, without pickled objects.
+    sample.py uses it to load images of the same dataset for completion: the name is mapped onto the
+    project's own data modules (``checkpoint.DATA_MODULES``) and the settings checked, nothing instantiated
+    as written. A data module that is not one of the project's is not stored (completion then needs
+    ``image=``).
     """
 
     def __init__(self, data_config: DictConfig | dict):
         if isinstance(data_config, DictConfig):
             data_config = OmegaConf.to_container(data_config, resolve=True)
-        self.data_config = data_config
+        self.data_config = stored_data_config(data_config)
+        if self.data_config is None:
+            log.warning(
+                f"data module {data_config.get('_target_')} is not one of the project's: checkpoints will "
+                f"not name it, so sample.py mode=complete needs image=<file>"
+            )
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint["data_config"] = self.data_config
+        if self.data_config is not None:
+            checkpoint["data_config"] = dict(self.data_config)
 
 
 class SampleGrid(L.Callback):

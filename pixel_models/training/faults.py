@@ -4,8 +4,9 @@
   into place, so a crash mid-write never leaves a truncated ``last.ckpt``; it also refuses to write weights
   that hold NaN or infinity, so a diverged run never overwrites the last good checkpoint.
 - :class:`FaultHandling` saves ``<checkpoints>/interrupted.ckpt`` when training is stopped by SIGTERM (a
-  cluster's preemption or time limit) or a first Ctrl-C, at the end of the step in progress, and stops the
-  run with a clear message, naming the step, when the training loss is NaN or infinite.
+  cluster's preemption or time limit) or a first Ctrl-C, at the end of the step in progress (a stop
+  requested during validation waits for the validation, and its checkpoints, to finish), and stops the run
+  with a clear message, naming the step, when the training loss is NaN or infinite.
 - :class:`InjectNonFinite` is a test hook that makes the weights NaN at a given step.
 """
 
@@ -22,6 +23,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from pixel_models.training.checkpoint import with_digest
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into ``.<name>.tmp-*`` in the target's folder, fsync, then ``os.replace``.
 
     A failure at any point (a full disk, a kill, an exception while serialising) leaves the previous file
-    at ``path`` untouched and removes the temporary one. Remote (``scheme://``) paths fall back to
-    Lightning's own writer.
+    at ``path`` untouched and removes the temporary one (a ``kill -9`` leaves it: a resumed run removes
+    it). Remote (``scheme://``) paths fall back to Lightning's own writer. Every checkpoint gets its format
+    version and digest (``checkpoint.with_digest``), checked when it is read.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
@@ -60,6 +64,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"refusing to write {path}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
                 f"infinite values (the training diverged); the file already there, if any, is kept"
             )
+        checkpoint = with_digest(checkpoint)
         path = os.fspath(path)
         if "://" in path:
             return super().save_checkpoint(checkpoint, path)
@@ -101,7 +106,9 @@ class FaultHandling(L.Callback):
     SIGTERM is Lightning's own graceful path: the trainer finishes the step in progress and raises
     ``SIGTERMException``. A first Ctrl-C is turned into the same request (a second one aborts at once,
     saving nothing), and so is SIGUSR2 under submitit (SLURM's warning before the time limit); the saved
-    state is always between two optimizer steps and resumes exactly.
+    state is always between two optimizer steps and resumes exactly. A request that comes during a
+    validation inside training is held until that validation (and the checkpoints it triggers) is done, so
+    the interrupted run never loses a validation result.
     After such a stop, ``interrupted_path`` names the checkpoint and ``signal_name`` the signal.
     """
 
@@ -112,6 +119,8 @@ class FaultHandling(L.Callback):
         self.signal_name: str | None = None
         self._batch_idx = 0
         self._previous_handlers: dict = {}
+        self._validating = False
+        self._held: int | None = None
 
     # -- where checkpoints go: next to ModelCheckpoint's, else <default_root_dir>/checkpoints
     def _checkpoint_dir(self, trainer: L.Trainer) -> str:
@@ -133,25 +142,52 @@ class FaultHandling(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.interrupted_path = self.signal_name = None
+        self._validating = False
+        self._held: int | None = None
         if threading.current_thread() is not threading.main_thread():
             return
-
-        def request_stop(signum, frame):
-            self.signal_name = signal.Signals(signum).name
-            # Lightning checks this flag after every step (and broadcasts it to all processes).
-            trainer._signal_connector.received_sigterm = True
-            if signum == signal.SIGINT:
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
-                log.warning(
-                    "Ctrl-C: finishing the current step, then saving a checkpoint "
-                    "(press Ctrl-C again to stop at once without saving)"
-                )
-            else:
-                log.warning(f"{self.signal_name}: finishing the current step, then saving a checkpoint")
-
-        for signum in self._stop_signals():
+        # Lightning's own SIGTERM handler (installed when fit started) still does the stopping; this one only
+        # holds a request that comes during validation until the validation is done.
+        for signum in (signal.SIGTERM, *self._stop_signals()):
             self._previous_handlers[signum] = signal.getsignal(signum)
-            signal.signal(signum, request_stop)
+            signal.signal(signum, lambda signum, frame: self._request_stop(trainer, signum))
+
+    def _request_stop(self, trainer, signum: int) -> None:
+        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+        if self._validating:
+            # Stopping inside a validation would lose its result: the resumed run would never redo it, and
+            # the best checkpoint and metrics would come from the epoch before. It finishes first.
+            self._held = signum
+            log.warning(f"{self.signal_name}: finishing the validation in progress, then saving a checkpoint")
+            return
+        self._stop(trainer, signum)
+
+    def _stop(self, trainer, signum: int) -> None:
+        previous = self._previous_handlers.get(signum)
+        if signum == signal.SIGTERM and callable(previous):
+            previous(signum, None)  # Lightning's: stops the launcher's processes, tells the other ranks
+        # Lightning checks this flag after every step (and broadcasts it to all processes).
+        trainer._signal_connector.received_sigterm = True
+        if signum == signal.SIGINT:
+            log.warning(
+                "Ctrl-C: finishing the current step, then saving a checkpoint "
+                "(press Ctrl-C again to stop at once without saving)"
+            )
+        else:
+            log.warning(f"{self.signal_name}: finishing the current step, then saving a checkpoint")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validating = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Runs before ModelCheckpoint's hook (Lightning calls checkpoint callbacks last): the flag set here
+        # stops the run only after this validation's checkpoints are written.
+        self._validating = False
+        held, self._held = self._held, None
+        if held is not None:
+            self._stop(trainer, held)
 
     def _restore_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():

@@ -1,0 +1,170 @@
+"""Every user error is one clear line naming the key or file, before any work starts; no lost work."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ONE_THREAD, ROOT, TINY_RUN, compose_train
+from hydra import compose, initialize_config_dir
+
+from pixel_models.cli import USER_ERROR_EXIT, user_errors
+from pixel_models.training.checkpoint import CheckpointError
+
+
+def train_cfg(out, *overrides):
+    return compose_train(f"output_dir={out}", *TINY_RUN, "test=false", *overrides)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.optimizer.lr=abc", r"model.optimizer.lr must be a number, got 'abc'"),
+        ("model.optimizer.lr=-1", r"model.optimizer.lr must be a finite number in \(0, 1000\], got -1"),
+        ("model.optimizer.lr=nan", r"model.optimizer.lr must be a finite number"),
+        ("model.optimizer.weight_decay=inf", r"model.optimizer.weight_decay must be a finite number"),
+        ("model.net.hidden=0", r"model.net.hidden must be an integer in \[1, 4096\], got 0"),
+        ("model.net.num_layers=-1", r"model.net.num_layers must be an integer in \[0, 256\], got -1"),
+        ("model.net.hidden=60000", r"model.net.hidden must be an integer in \[1, 4096\], got 60000"),
+        ("model.net.residual=1", r"model.net.residual must be a bool, got 1"),
+        ("model.net.arch=resnet", r"model.net.arch: unknown architecture 'resnet'; choose one of"),
+        ("final_samples=-1", r"final_samples must be an integer in \[0, 1024\]"),
+        ("final_samples=many", r"final_samples must be an integer"),
+        ("seed=abc", r"seed must be an integer"),
+    ],
+)
+def test_bad_training_settings_fail_before_anything_runs(tmp_path, override, message):
+    from train import train
+
+    with pytest.raises(ValueError, match=message):
+        train(train_cfg(tmp_path, override))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_network_too_big_to_build_is_refused_before_allocating(tmp_path):
+    from train import train
+
+    with pytest.raises(ValueError, match="model.net would have .* parameters, more than the 1,000,000,000"):
+        train(train_cfg(tmp_path, "model.net.hidden=4096", "model.net.num_layers=64"))
+
+
+def test_a_failure_of_the_final_samples_keeps_metrics_json_and_the_checkpoint(tmp_path, monkeypatch, caplog):
+    import train as train_script
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampler exploded")
+
+    monkeypatch.setattr(train_script, "sample_grid", broken)
+    returned = train_script.train(train_cfg(tmp_path, "final_samples=4", "debug=fast"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert returned == metrics["val/nll"] and Path(metrics["checkpoint"]).is_file()
+    assert "final samples failed (RuntimeError: sampler exploded); metrics.json and" in caplog.text
+
+
+# ------------------------------------------------------------------------------------- sample.py
+def sample_cfg(ckpt, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="sample", overrides=[f"ckpt_path={ckpt}", *overrides])
+
+
+def bad_sample_settings(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder.png").mkdir()
+    cases = [
+        ("temperature=hot", "temperature must be a finite number above 0"),
+        ("temperature=nan", "temperature must be a finite number above 0"),
+        ("temperature=0", "temperature must be a finite number above 0"),
+        ("batch_size=0", "batch_size must be a positive integer"),
+        ("num_samples=-3", "num_samples must be a positive integer"),
+        (f"output={tmp_path / 'grid.txt'}", r"output=.*grid.txt must end in .png"),
+        (f"output={tmp_path / 'a_folder.png'}", "is a folder; give a file name"),
+        (f"save_levels={tmp_path / 'levels.csv'}", r"save_levels=.* must end in .pt or .npz"),
+        (f"save_levels={tmp_path / 'a_file' / 'levels.pt'}", "a_file is a file, not a folder"),
+        ("mode=complete image=missing.png", "image file not found: missing.png"),
+        ("mode=complete split=holdout", "unknown split 'holdout'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(("device=cuda", "device=cuda, but no CUDA GPU is available here"))
+    return cases
+
+
+def test_bad_sampling_settings_fail_before_the_checkpoint_is_even_read(tmp_path):
+    from sample import sample
+
+    # The checkpoint does not exist: an error about it would mean the settings were checked too late.
+    for overrides, message in bad_sample_settings(tmp_path):
+        with pytest.raises(ValueError, match=message):
+            sample(
+                sample_cfg(tmp_path / "missing.ckpt", f"output={tmp_path / 'out.png'}", *overrides.split())
+            )
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        sample(sample_cfg(tmp_path / "missing.ckpt", f"output={tmp_path / 'out.png'}"))
+    assert not (tmp_path / "out.png").exists()
+
+
+# ------------------------------------------------------------------------------ the one-line wrapper
+def test_user_errors_are_one_line_and_exit_code_2(capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for error in (
+        ValueError("bad value\nsecond line"),
+        CheckpointError("x.ckpt is corrupt"),
+        OSError("disk"),
+    ):
+        with pytest.raises(SystemExit) as stopped, user_errors():
+            raise error
+        assert stopped.value.code == USER_ERROR_EXIT
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    with pytest.raises(ZeroDivisionError), user_errors():  # a bug is not a user error: its traceback stays
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ValueError), user_errors():
+        raise ValueError("shown with its traceback")
+
+
+@pytest.mark.slow  # a Python start-up (~20 s on a busy machine); the others: test_checkpoint_safety
+def test_command_line_setting_errors_are_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            f"ckpt_path={tmp_path / 'x.ckpt'}",
+            "temperature=hot",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == USER_ERROR_EXIT
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("error: temperature must be a finite number")
+
+
+# ------------------------------------------------------------------------------------ run folders
+@pytest.mark.slow  # two whole train.py runs at once
+def test_two_runs_started_together_from_one_folder_get_their_own_run_directories(tmp_path):
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *TINY_RUN,
+        "test=false",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
+    ]
+    procs = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    runs = sorted((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        assert (run / "metrics.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
