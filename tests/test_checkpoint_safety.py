@@ -458,11 +458,14 @@ def test_command_line_bad_checkpoints_are_one_line_errors(real_ckpt, tmp_path):
 def test_every_architecture_can_be_sized_on_the_meta_device(arch, conditional):
     """Checkpoints are sized on the meta device before anything is allocated: every network must build there
     (no tensor values read while building) with the shapes of the real one."""
+    from test_contract import ARCHITECTURE_SETTINGS  # each architecture's small test network
+
+    net = {"arch": arch, **ARCHITECTURE_SETTINGS[arch]["net"]}
     hp = {
-        "net": {"arch": arch, "hidden": 4, "num_layers": 1, "output_hidden": 8},
+        "net": net,
         "num_channels": 3,
         "num_levels": 5,
-        "image_size": 6,
+        "image_size": net.get("image_size", 4),
         "conditional": conditional,
         "num_classes": 3 if conditional else 0,
     }
