@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
+from pixel_models.cli import user_errors
 from pixel_models.training.builders import build
 
 log = logging.getLogger("receptive_field")
@@ -198,7 +199,8 @@ def report(cfg: DictConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="receptive_field")
 def main(cfg: DictConfig) -> None:
-    code = report(cfg)
+    with user_errors():  # a bad setting: one line, exit code 2
+        code = report(cfg)
     if code:
         sys.exit(code)
 
