@@ -1,44 +1,112 @@
-"""Training throughput: images per second of one full training step (forward, backward, Adam update).
+"""Training throughput: one full training step (forward, backward, Adam update), and peak memory.
 
-One JSON line per model x shape, then one line of step-time ratios against PixelCNN from the same
-run (machines are noisy; compare within a run). Models are built from the same Hydra configs users
-train with: `conf/model/<name>.yaml` at the MNIST setup (7 layers, h=16, 32 output maps).
+One JSON line per case, then lines of ratios from the same run (machines are noisy; compare within a
+run). Every case runs in its own process, built from the Hydra configs users train with
+(`conf/model/<name>.yaml`, MNIST setup: 7 layers, h=16, 32 output maps), and reports wall-clock and
+CPU time per step; ratios use CPU time (process time), which another program on a busy machine
+inflates far less than wall-clock time.
 
-    python benchmarks/train_throughput.py [--models pixelcnn ... pixelcnn_pp] [--steps 10]
+    python benchmarks/train_throughput.py                       # this checkout
+    python benchmarks/train_throughput.py --baseline main       # and the code of a git revision,
+                                                                # alternated case by case in one run
+    python benchmarks/train_throughput.py --memory              # + peak memory at CIFAR-10 sizes
 
 Shapes: binarized MNIST 28x28x1 K=2, and CIFAR-10 32x32x3 K=256 at the same reduced MNIST widths
-(the paper's h=128 / 1024 output maps are GPU sizes; pass --cifar-hidden/--cifar-output to change).
-PixelCNN++ runs at its own config (`conf/model/pixelcnn_pp.yaml`: 32 filters, 2 blocks per stage, 3
-stages, logistic mixture of 10); --pp-filters / --pp-resnet change it.
-
-Memory: ``saved_mb_per_image`` is what autograd keeps for the backward pass per image (every tensor
-saved by a forward op, counted once per storage): the activation memory that grows with the batch, and
-the same on any device. On a GPU, ``cuda_peak_mb_per_image`` is the allocator's peak over a step.
+(--cifar-hidden / --cifar-output change them). PixelCNN++ runs at its own config
+(`conf/model/pixelcnn_pp.yaml`: 32 filters, 2 blocks per stage, 3 stages, logistic mixture of 10);
+--pp-filters / --pp-resnet change it. Every speed case also reports ``saved_mb_per_image``, what
+autograd keeps for the backward pass per image (every tensor saved by a forward op, counted once per
+storage), the same on any device; on a GPU, ``cuda_peak_mb_per_image`` is the allocator's peak.
+`--memory`: peak training memory per image of the
+paper's CIFAR-10 networks (12 layers, h=128, 1024 output maps; PixelCNN 15 layers) at 32x32x3,
+with and without `checkpoint_recurrence`, at batch 2 minus batch 1 (weights, gradients and Adam state,
+paid once, cancel out), measured on CPU two ways: ``activations_mib_per_image``, the C heap in use
+(glibc mallinfo2) at the end of the forward pass minus before it, i.e. what is kept for the backward
+pass, where training memory peaks; ``rss_peak_growth_mib_per_image``, the growth of the process's peak
+resident set (getrusage ru_maxrss) over the step, which the allocator's caching blurs.
 """
 
 import argparse
+import ctypes
 import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-SHAPES = {"mnist_28x28x1_k2": ("binarized_mnist", []), "cifar10_32x32x3_k256": ("cifar10", [])}
-
-
-def build(model: str, data: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={model}", f"data={data}", *overrides])
-    return instantiate(cfg.model), cfg.data
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"mnist_28x28x1_k2": "binarized_mnist", "cifar10_32x32x3_k256": "cifar10"}
+PAPER_CIFAR = {
+    "row_lstm": ["model.net.hidden=128", "model.net.num_layers=12", "model.net.output_hidden=1024"],
+    "diag_bilstm": ["model.net.hidden=128", "model.net.num_layers=12", "model.net.output_hidden=1024"],
+    "pixelcnn": ["model.net.hidden=128", "model.net.num_layers=15", "model.net.output_hidden=1024"],
+}
 
 
-def saved_bytes_per_image(module, data_cfg, batch: int) -> float:
+def worker(args) -> None:
+    """Build one model from the code at ``args.code``, time or measure it, print one JSON line."""
+    sys.path.insert(0, args.code)
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with initialize_config_dir(config_dir=str(Path(args.code) / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="train", overrides=[f"model={args.model}", f"data={args.data}", *args.override]
+        )
+    module = instantiate(cfg.model).train()
+    c, k, s = cfg.data.num_channels, cfg.data.num_levels, cfg.data.image_size
+    levels = torch.randint(0, k, (args.batch, c, s, s))
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+
+    def one_step():
+        optimizer.zero_grad(set_to_none=True)
+        module.nll(levels).mean().backward()
+        optimizer.step()
+
+    result = {"model": args.model, "batch": args.batch, "threads": torch.get_num_threads()}
+    if args.measure == "memory":
+        before, heap = _rss_kib(), _heap_in_use()
+        optimizer.zero_grad(set_to_none=True)
+        loss = module.nll(levels).mean()
+        after_forward = _heap_in_use()
+        loss.backward()
+        optimizer.step()
+        result["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        if heap is not None:
+            result["retained_kib"] = (after_forward - heap) / 1024
+    else:
+        saved = saved_bytes_per_image(module, levels)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
+            one_step()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            one_step()
+        result["step_ms"] = (time.perf_counter() - wall) / args.steps * 1e3
+        result["cpu_ms"] = (time.process_time() - cpu) / args.steps * 1e3
+        result["saved_mb_per_image"] = round(saved / 2**20, 2)
+        if torch.cuda.is_available():
+            result["cuda_peak_mb_per_image"] = round(
+                torch.cuda.max_memory_allocated() / 2**20 / args.batch, 2
+            )
+        net = dict(module.hparams.net)
+        result |= {"hidden": net.get("hidden"), "layers": net.get("num_layers")}
+        result["net"] = {k: v for k, v in net.items() if k != "arch"}
+        result["output"] = module.hparams.output["name"]
+    print(json.dumps(result), flush=True)
+
+
+def saved_bytes_per_image(module, levels) -> float:
     """Bytes autograd saves for backward in one forward pass, per image (each storage once)."""
-    c, k, s = data_cfg.num_channels, data_cfg.num_levels, data_cfg.image_size
-    levels = torch.randint(0, k, (batch, c, s, s))
+    import torch
+
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -50,25 +118,155 @@ def saved_bytes_per_image(module, data_cfg, batch: int) -> float:
         loss = module.nll(levels).mean()
     parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
     del loss
-    return sum(n for ptr, n in storages.items() if ptr not in parameters) / batch
+    return sum(n for ptr, n in storages.items() if ptr not in parameters) / len(levels)
 
 
-def step_time(module, data_cfg, batch: int, steps: int) -> float:
-    c, k, s = data_cfg.num_channels, data_cfg.num_levels, data_cfg.image_size
-    levels = torch.randint(0, k, (batch, c, s, s))
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+def _heap_in_use() -> int | None:
+    """Bytes the C allocator has handed out and not taken back (glibc mallinfo2), or None elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
-    def one_step():
-        optimizer.zero_grad(set_to_none=True)
-        module.nll(levels).mean().backward()
-        optimizer.step()
 
-    for _ in range(2):
-        one_step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    return (time.perf_counter() - start) / steps
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def run_worker(code: str, model: str, data: str, batch: int, overrides: list[str], args, measure="time"):
+    command = [sys.executable, __file__, "--worker", "--code", code, "--model", model, "--data", data]
+    command += ["--batch", str(batch), "--steps", str(args.steps), "--threads", str(args.threads)]
+    command += ["--measure", measure, *[f"--override={o}" for o in overrides]]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark case {model}/{data} ({code}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def export_revision(revision: str, into: Path) -> str:
+    """The package and configs of a git revision, extracted into ``into`` (for --baseline)."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "pixel_models", "conf"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise SystemExit(f"--baseline {revision}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return str(into)
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def model_overrides(model: str, overrides: list[str], args) -> list[str]:
+    if model != "pixelcnn_pp":
+        return overrides
+    # PixelCNN++'s net has no hidden / output_hidden
+    own = [o for o in overrides if not o.startswith("model.net.")]
+    if args.pp_filters:
+        own.append(f"model.net.num_filters={args.pp_filters}")
+    if args.pp_resnet:
+        own.append(f"model.net.num_resnet={args.pp_resnet}")
+    return own
+
+
+def speed(args, codes: dict[str, str]) -> None:
+    for shape, data in SHAPES.items():
+        overrides = []
+        if data == "cifar10" and args.cifar_hidden:
+            overrides.append(f"model.net.hidden={args.cifar_hidden}")
+        if data == "cifar10" and args.cifar_output:
+            overrides.append(f"model.net.output_hidden={args.cifar_output}")
+        best: dict[tuple[str, str], dict] = {}
+        for _ in range(args.rounds):  # alternate code versions and models, keep each case's fastest round
+            for model in args.models:
+                for name, code in codes.items():
+                    r = run_worker(
+                        code, model, data, args.batch, model_overrides(model, overrides, args), args
+                    )
+                    key = (name, model)
+                    if key not in best or r["cpu_ms"] < best[key]["cpu_ms"]:
+                        best[key] = r
+        for (name, model), r in best.items():
+            emit(
+                {
+                    "case": f"train/{model}/{shape}",
+                    "code": name,
+                    "batch": args.batch,
+                    "step_ms": round(r["step_ms"], 1),
+                    "cpu_ms": round(r["cpu_ms"], 1),
+                    "images_per_s": round(args.batch / r["cpu_ms"] * 1e3, 1),
+                    "threads": r["threads"],
+                    "rounds": args.rounds,
+                    **{k: r[k] for k in ("saved_mb_per_image", "cuda_peak_mb_per_image") if k in r},
+                    **{k: r.get(k) for k in ("hidden", "layers", "net", "output")},
+                }
+            )
+        for name in codes:
+            cpu = {m: best[(name, m)]["cpu_ms"] for m in args.models}
+            ratios = {}
+            if "pixelcnn" in cpu:
+                ratios.update({f"{m}/pixelcnn": round(t / cpu["pixelcnn"], 2) for m, t in cpu.items()})
+            if "row_lstm" in cpu and "diag_bilstm" in cpu:
+                ratios["diag_bilstm/row_lstm"] = round(cpu["diag_bilstm"] / cpu["row_lstm"], 2)
+            emit({"case": f"step_time_ratio/{shape}", "code": name, **ratios})
+        if "baseline" in codes:
+            emit(
+                {
+                    "case": f"speedup_vs_baseline/{shape}",
+                    **{
+                        m: round(best[("baseline", m)]["cpu_ms"] / best[("current", m)]["cpu_ms"], 2)
+                        for m in args.models
+                    },
+                }
+            )
+
+
+def memory(args, codes: dict[str, str]) -> None:
+    for model in [m for m in args.models if m in PAPER_CIFAR]:
+        variants = [("plain", [])]
+        if model != "pixelcnn":
+            variants.append(("checkpoint_recurrence", ["model.net.checkpoint_recurrence=true"]))
+        for name, code in codes.items():
+            for variant, extra in variants:
+                if name == "baseline" and extra:
+                    continue  # the option is new
+                overrides = PAPER_CIFAR[model] + extra
+                one, two = (run_worker(code, model, "cifar10", b, overrides, args, "memory") for b in (1, 2))
+                record = {
+                    "case": f"memory/{model}/cifar10_32x32x3_k256_paper",
+                    "code": name,
+                    "variant": variant,
+                }
+                if "retained_kib" in two:
+                    activations = (two["retained_kib"] - one["retained_kib"]) / 1024
+                    record["activations_mib_per_image"] = round(activations, 1)
+                record["rss_peak_growth_mib_per_image"] = round((two["peak_kib"] - one["peak_kib"]) / 1024, 1)
+                emit(record)
 
 
 def main():
@@ -81,72 +279,37 @@ def main():
         default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn", "pixelcnn_pp"],
     )
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest counts")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--baseline", metavar="REV", help="also time the code of this git revision")
+    parser.add_argument("--memory", action="store_true", help="peak memory at the paper's CIFAR-10 sizes")
+    parser.add_argument("--no-speed", action="store_true", help="skip the throughput cases")
     parser.add_argument(
         "--cifar-hidden", type=int, default=None, help="h at CIFAR-10 shapes (default: config's)"
     )
     parser.add_argument("--cifar-output", type=int, default=None, help="output maps at CIFAR-10 shapes")
     parser.add_argument("--pp-filters", type=int, default=None, help="PixelCNN++ filters (default: config's)")
     parser.add_argument("--pp-resnet", type=int, default=None, help="PixelCNN++ blocks per stage")
+    # Internal: one case in a fresh process.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", default="time", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    for shape, (data, overrides) in SHAPES.items():
-        overrides = list(overrides)
-        if data == "cifar10":
-            # Hidden widths must hold the 3 colour groups evenly for the output layers' group masks.
-            if args.cifar_hidden:
-                overrides.append(f"model.net.hidden={args.cifar_hidden}")
-            if args.cifar_output:
-                overrides.append(f"model.net.output_hidden={args.cifar_output}")
-        times = {}
-        for model in args.models:
-            if model == "pixelcnn_pp":  # its net has no hidden / output_hidden
-                model_overrides = [o for o in overrides if not o.startswith("model.net.")]
-                if args.pp_filters:
-                    model_overrides.append(f"model.net.num_filters={args.pp_filters}")
-                if args.pp_resnet:
-                    model_overrides.append(f"model.net.num_resnet={args.pp_resnet}")
-            else:
-                model_overrides = overrides
-            module, data_cfg = build(model, data, model_overrides)
-            saved = saved_bytes_per_image(module.train(), data_cfg, args.batch)
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            seconds = step_time(module.train(), data_cfg, args.batch, args.steps)
-            memory = {"saved_mb_per_image": round(saved / 2**20, 2)}
-            if torch.cuda.is_available():
-                memory["cuda_peak_mb_per_image"] = round(
-                    torch.cuda.max_memory_allocated() / 2**20 / args.batch, 2
-                )
-            times[model] = seconds
-            print(
-                json.dumps(
-                    {
-                        "case": f"{model}/{shape}",
-                        "batch": args.batch,
-                        "hidden": module.hparams.net.get("hidden"),
-                        "layers": module.hparams.net.get("num_layers"),
-                        "net": {k: v for k, v in module.hparams.net.items() if k != "arch"},
-                        "output": module.hparams.output["name"],
-                        "step_ms": round(seconds * 1e3, 2),
-                        "images_per_s": round(args.batch / seconds, 1),
-                        "threads": torch.get_num_threads(),
-                        **memory,
-                    }
-                ),
-                flush=True,
-            )
-        base = times.get("pixelcnn")
-        if base:
-            print(
-                json.dumps(
-                    {
-                        "case": f"step_time_ratio_vs_pixelcnn/{shape}",
-                        **{m: round(t / base, 2) for m, t in times.items()},
-                    }
-                ),
-                flush=True,
-            )
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        codes = {"current": str(ROOT)}
+        if args.baseline:
+            codes["baseline"] = export_revision(args.baseline, Path(tmp))
+        if not args.no_speed:
+            speed(args, codes)
+        if args.memory:
+            memory(args, codes)
 
 
 if __name__ == "__main__":

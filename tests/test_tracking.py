@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 from test_wandb import WATCHED
 
+from pixel_models.blocks.masks import MaskedConv2d
 from pixel_models.training.builders import build
 from pixel_models.training.tracking import run_name, sweep_group, sweep_summary, swept_keys, wandb_naming
 
@@ -139,13 +140,18 @@ class GlobalZero:
 
 
 def conv_flops(module, shape) -> int:
-    """Multiply-adds of every convolution, as 2 FLOPs each, from the output sizes (PixelCNN is all convs)."""
+    """Multiply-adds of every convolution, as 2 FLOPs each, from the output sizes (PixelCNN is all convs).
+
+    A masked k x k kernel runs with its k // 2 + 1 unmasked rows only, over k // 2 extra output rows
+    that are dropped (``MaskedConv2d.forward``): those are the multiply-adds that happen."""
     total = 0
 
     def count(conv, inputs, output):
         nonlocal total
         kh, kw = conv.kernel_size
-        total += 2 * output.numel() * (conv.in_channels // conv.groups) * kh * kw
+        rows, extra = (kh // 2 + 1, kh // 2) if isinstance(conv, MaskedConv2d) else (kh, 0)
+        b, c, height, width = output.shape
+        total += 2 * b * c * (height + extra) * width * (conv.in_channels // conv.groups) * rows * kw
 
     hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():

@@ -34,6 +34,7 @@ sub-pixel: see ``CachedDiagonalBiLSTMStepper``.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pixel_models.blocks.conditioning import class_bias, class_index
 from pixel_models.blocks.layers import (
@@ -45,9 +46,8 @@ from pixel_models.blocks.layers import (
 )
 from pixel_models.blocks.lstm import LSTMGatesAtPixel
 from pixel_models.blocks.masks import MaskedConv2d
+from pixel_models.blocks.recurrence import DiagonalRecurrence
 from pixel_models.distributions import build_distribution
-
-State = tuple[torch.Tensor, torch.Tensor]
 
 
 def skew(x: torch.Tensor) -> torch.Tensor:
@@ -96,21 +96,38 @@ class DiagonalBiLSTMLayer(nn.Module):
         self.output = MaskedConv2d(hidden, 2 * hidden, 1, "B", num_colors)
         self.class_bias = class_bias(num_classes, 8 * hidden)  # both directions' gates
 
-    def step(self, gates_in: torch.Tensor, state: State | None) -> State:
-        """Advance one diagonal. ``gates_in``: (B, 2, 4, h, n), both directions' input-to-state for one
-        skewed column; ``state``: (h, c) of the previous column, each (B, 2, h, n), or None before the first.
+    def gates_in(
+        self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input-to-state gates (B, 4h, H, W) of the left-to-right and the right-to-left direction.
+
+        ``x``: the layer input (B, 2h, H, W); ``image``: the network's input (B, C, H, W), read by the
+        right-to-left direction only (see the module docstring); ``label``: class indices (B,) of a
+        conditional network.
         """
-        b, _, _, hidden, n = gates_in.shape
-        if state is None:  # zero state: skip a convolution of zeros
-            gates = gates_in
-        else:
-            # A zero row on top, none below: row r reads rows r-1 and r, and the top row only itself.
-            recurrent = self.state_to_state(F.pad(state[0].view(b, 2 * hidden, n), (1, 0)))
-            gates = gates_in + recurrent.view(b, 2, 4, hidden, n)
-        input_gate, forget_gate, output_gate = torch.sigmoid(gates[:, :, :3]).unbind(2)
-        candidate = torch.tanh(gates[:, :, 3])
-        cell = input_gate * candidate if state is None else forget_gate * state[1] + input_gate * candidate
-        return output_gate * torch.tanh(cell), cell
+        h = self.hidden
+        gates = self.input_to_state(x)
+        if self.class_bias is not None:
+            gates = gates + self.class_bias(label)[:, :, None, None]
+        return gates[:, : 4 * h], gates[:, 4 * h :] + self.image_to_state(image)
+
+    def recurrence(
+        self, left_to_right: torch.Tensor, right_to_left: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden maps (B, h, H, W) of both directions, unshifted, from their input-to-state gates.
+
+        The right-to-left LSTM is the left-to-right recurrence on the mirrored map; both run in the same
+        steps, one diagonal per step, as one autograd node (``blocks.recurrence.DiagonalRecurrence``).
+        Skewing after the 1x1 convolution keeps the off-image cells at exactly zero gate input, so the
+        state entering each row from the left is exactly zero.
+        """
+        h = self.hidden
+        # (8h, h, 2) grouped weight -> per direction and tap (2, 4h, h): tap 0 the pixel above, 1 the left.
+        weight = self.state_to_state.weight.view(2, 4 * h, h, 2)
+        hidden_l2r, hidden_r2l = DiagonalRecurrence.apply(
+            left_to_right, right_to_left.flip(-1), weight[..., 0], weight[..., 1]
+        )
+        return hidden_l2r, hidden_r2l.flip(-1)
 
     def hidden_states(
         self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
@@ -120,29 +137,20 @@ class DiagonalBiLSTMLayer(nn.Module):
         ``x``: the layer input (B, 2h, H, W); ``image``: the network's input (B, C, H, W); ``label``: class
         indices (B,) of a conditional network.
         """
-        b, _, n, m = x.shape
-        h = self.hidden
-        gates_in = self.input_to_state(x)
-        if self.class_bias is not None:
-            gates_in = gates_in + self.class_bias(label)[:, :, None, None]
-        right_to_left = gates_in[:, 4 * h :] + self.image_to_state(image)
-        # The right-to-left LSTM is the left-to-right recurrence on the mirrored map.
-        gates_in = torch.cat([gates_in[:, : 4 * h], right_to_left.flip(-1)], dim=1)
-        # Skewing after the 1x1 convolution keeps the off-image cells at exactly zero gate input, so the
-        # state entering each row from the left is exactly zero. Columns first, so each step reads a
-        # contiguous (B, 2, 4, h, n) slice; unbind, since the backward of per-step indexing would write
-        # into a zero tensor the size of the whole map at every step.
-        width = n + m - 1
-        gates_in = skew(gates_in).view(b, 2, 4, h, n, width).permute(5, 0, 1, 2, 3, 4).contiguous().unbind(0)
-        columns: list[torch.Tensor | None] = [None] * width
-        state = None
-        for d in range(width):
-            state = self.step(gates_in[d], state)
-            columns[d] = state[0]
-        hidden = unskew(torch.stack(columns, dim=-1))  # (B, 2, h, n, m)
-        return hidden[:, 0], hidden[:, 1].flip(-1)
+        return self.recurrence(*self.gates_in(x, image, label))
+
+    # Set by the network's ``checkpoint_recurrence``: recompute this layer in the backward pass instead
+    # of keeping its activations (gates, cell states: several times its input) from the forward pass.
+    recompute_in_backward = False
 
     def forward(
+        self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.recompute_in_backward and torch.is_grad_enabled():
+            return checkpoint(self.compute, x, image, label, use_reentrant=False)
+        return self.compute(x, image, label)
+
+    def compute(
         self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
     ) -> torch.Tensor:
         left_to_right, right_to_left = self.hidden_states(x, image, label)
@@ -167,6 +175,7 @@ class DiagonalBiLSTM(nn.Module):
         skip: bool = True,
         output: dict | None = None,
         num_classes: int = 0,
+        checkpoint_recurrence: bool = False,
     ):
         super().__init__()
         self.num_channels = num_channels
@@ -183,6 +192,8 @@ class DiagonalBiLSTM(nn.Module):
         self.output = OutputLayers(
             2 * hidden, output_hidden, num_channels, self.distribution, num_output_layers
         )
+        for layer in self.stack.layers:
+            layer.recompute_in_backward = checkpoint_recurrence
 
     def forward(
         self, x: torch.Tensor, label: torch.Tensor | None = None, condition: list[torch.Tensor] | None = None

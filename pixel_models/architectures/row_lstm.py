@@ -22,6 +22,7 @@ and on every layer's gates (``blocks.conditioning``).
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pixel_models.blocks.conditioning import class_bias, class_index
 from pixel_models.blocks.layers import (
@@ -33,9 +34,8 @@ from pixel_models.blocks.layers import (
 )
 from pixel_models.blocks.lstm import LSTMGatesAtPixel
 from pixel_models.blocks.masks import MaskedConv2d
+from pixel_models.blocks.recurrence import RowInputToState, lstm_recurrence
 from pixel_models.distributions import build_distribution
-
-State = tuple[torch.Tensor, torch.Tensor]
 
 
 class RowLSTMLayer(nn.Module):
@@ -57,38 +57,52 @@ class RowLSTMLayer(nn.Module):
         self.output = MaskedConv2d(hidden, 2 * hidden, 1, "B", num_colors)
         self.class_bias = class_bias(num_classes, 4 * hidden)  # on the gates
 
-    def step(self, gates_in: torch.Tensor, state: State | None) -> State:
-        """Advance one row. ``gates_in``: (B, 4h, W), the input-to-state part for that row;
-        ``state``: (h, c) of the row above, each (B, h, W), or None above the first row."""
-        b, _, width = gates_in.shape
-        if state is None:  # zero state: skip a convolution of zeros
-            gates = gates_in
-        else:
-            gates = gates_in + self.state_to_state(state[0])
-        gates = gates.view(b, 4, self.hidden, width)
-        input_gate, forget_gate, output_gate = torch.sigmoid(gates[:, :3]).unbind(1)
-        candidate = torch.tanh(gates[:, 3])
-        cell = input_gate * candidate if state is None else forget_gate * state[1] + input_gate * candidate
-        return output_gate * torch.tanh(cell), cell
+    def gates_in(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """The input-to-state part of every row's gates, (B, 4h, H, W): ``input_to_state(x)``, plus the
+        class bias of a conditional layer.
+
+        Computed with the taps the mask keeps only (columns j - k//2 .. j; the taps right of the centre
+        are masked to zero and skipped), batch innermost in memory (``blocks.recurrence.RowInputToState``):
+        the result is a (B, 4h, H, W) view of a (4h, H, W, B)-ordered buffer, the layout ``recurrence`` reads.
+        """
+        conv = self.input_to_state
+        taps = conv.kernel_size[1] // 2 + 1
+        weight = conv.masked_weight()[:, :, 0, :taps]  # (4h, 2h, taps)
+        gates = RowInputToState.apply(x, weight, conv.bias).permute(3, 0, 1, 2)
+        if self.class_bias is not None:  # (an elementwise op keeps the batch-innermost layout)
+            gates = gates + self.class_bias(label)[:, :, None, None]
+        return gates
+
+    def recurrence(self, gates_in: torch.Tensor) -> torch.Tensor:
+        """The LSTM's hidden maps (B, h, H, W) from the input-to-state gates (B, 4h, H, W).
+
+        One autograd node (``blocks.recurrence``): rows are the steps, the row's W positions times the
+        batch the cells, laid out (4h, H, W, B) so a step reads one contiguous (4h, W * B) slice; the
+        state-to-state convolution is one product per tap on the previous row, zero padded by k//2.
+        """
+        b, four_h, height, width = gates_in.shape
+        pad = self.state_to_state.kernel_size[0] // 2
+        steps = gates_in.permute(1, 2, 3, 0)[None]  # (1, 4h, H, W, B): a view where gates_in came from above
+        weight = self.state_to_state.weight  # (4h, h, k): tap k reads column j - pad + k of the row above
+        taps = [weight[None, :, :, k] for k in range(weight.shape[2])]
+        hidden = lstm_recurrence(steps, taps, tuple(range(len(taps))), (pad, pad), b)
+        rows = hidden[0, :, 1:, pad * b : (pad + width) * b]  # (h, H, W * B)
+        return rows.unflatten(2, (width, b)).permute(3, 0, 1, 2)
 
     def hidden_states(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         """The LSTM's hidden maps (B, h, H, W) for a layer input x (B, 2h, H, W) (and class indices)."""
-        height = x.shape[2]
-        gates_in = self.input_to_state(x)
-        if self.class_bias is not None:
-            gates_in = gates_in + self.class_bias(label)[:, :, None, None]
-        # All rows' input-to-state in one convolution, laid out row-major so each step reads a
-        # contiguous (B, 4h, W) slice. unbind, not indexing: the backward of H index ops would each
-        # write into a zero tensor the size of the whole map, H times over.
-        gates_in = gates_in.permute(2, 0, 1, 3).contiguous().unbind(0)
-        rows: list[torch.Tensor | None] = [None] * height
-        state = None
-        for i in range(height):
-            state = self.step(gates_in[i], state)
-            rows[i] = state[0]
-        return torch.stack(rows, dim=2)
+        return self.recurrence(self.gates_in(x, label))
+
+    # Set by the network's ``checkpoint_recurrence``: recompute this layer in the backward pass instead
+    # of keeping its activations (gates, cell states: several times its input) from the forward pass.
+    recompute_in_backward = False
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        if self.recompute_in_backward and torch.is_grad_enabled():
+            return checkpoint(self.compute, x, label, use_reentrant=False)
+        return self.compute(x, label)
+
+    def compute(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         return self.output(self.hidden_states(x, label))
 
 
@@ -108,6 +122,7 @@ class RowLSTM(nn.Module):
         kernel_size: int = 3,
         output: dict | None = None,
         num_classes: int = 0,
+        checkpoint_recurrence: bool = False,
     ):
         super().__init__()
         self.num_channels = num_channels
@@ -124,6 +139,8 @@ class RowLSTM(nn.Module):
         self.output = OutputLayers(
             2 * hidden, output_hidden, num_channels, self.distribution, num_output_layers
         )
+        for layer in self.stack.layers:
+            layer.recompute_in_backward = checkpoint_recurrence
 
     def forward(
         self, x: torch.Tensor, label: torch.Tensor | None = None, condition: list[torch.Tensor] | None = None

@@ -1,0 +1,343 @@
+"""The LSTM recurrence of the PixelRNN layers as one autograd node with a hand-written backward.
+
+Both LSTMs of *Pixel Recurrent Neural Networks* (van den Oord et al., 2016) advance a whole line of
+cells per step (the Row LSTM a row, the Diagonal BiLSTM a skewed column of both directions), with
+
+    gates_t = gates_in_t + sum_k W_k @ shift_k(h_{t-1})         [i, f, o, g] chunks of h features
+    c_t = sigmoid(f) . c_{t-1} + sigmoid(i) . tanh(g),        h_t = sigmoid(o) . tanh(c_t)
+
+where ``shift_k`` reads the previous step's hidden line at a fixed offset (the Row LSTM's k-wide
+convolution along the row above; the Diagonal BiLSTM's taps above and to the left). ``gates_in`` is
+computed for all steps before the recurrence (the layers' input-to-state convolutions).
+
+Autograd through the plain loop records ~20 small nodes per step and replays them one by one; here
+the forward writes the activations into preallocated buffers, and the backward walks the steps in
+reverse with in-place products, leaving the state-to-state weight gradients to one matrix product
+per tap after the loop. Results equal autograd through the loop (tested in float64).
+
+Layout of one call, ``D`` independent recurrences (directions) batched together:
+    gates_in (D, 4h, T, N): step t's input-to-state for N = L * B cells (positions outer, batch inner);
+    hidden (D, h, T + 1, (L + pad) * B): slot t + 1 holds h_t at positions pad_before .. pad_before + L,
+    zero in the padding and in slot 0, so that tap k reads positions offset_k .. offset_k + L of slot t.
+"""
+
+import torch
+
+
+class LSTMRecurrence(torch.autograd.Function):
+    """``hidden = LSTMRecurrence.apply(gates_in, offsets, pad, batch, *weights)``; see the module docstring.
+
+    ``weights``: one (D, 4h, h) matrix per tap; ``offsets``: each tap's first position in the padded
+    hidden line; ``pad``: (before, after) zero positions around the L positions; ``batch``: B. Returns
+    the buffer (D, h, T + 1, (L + before + after) * B) described above (read it through views).
+    """
+
+    @staticmethod
+    def forward(ctx, gates_in, offsets, pad, batch, *weights):
+        dtype = _compute_dtype(gates_in, weights)
+        with _no_autocast(gates_in):
+            # (D, 4h, T, N), or (D, 4h, T, L, B) viewed as that; becomes the activations, kept for backward
+            shape = (*gates_in.shape[:3], gates_in[0, 0, 0].numel())
+            gates = torch.empty(shape, dtype=dtype, device=gates_in.device)
+            gates.view(gates_in.shape).copy_(gates_in)
+            cast = [w.to(dtype) for w in weights]
+            hidden, cell, tanh_cell = run_forward(gates, cast, offsets, pad, batch)
+        ctx.save_for_backward(gates, cell, tanh_cell, hidden, *cast)
+        ctx.layout = (offsets, pad, batch)
+        ctx.dtypes = (gates_in.dtype, [w.dtype for w in weights])
+        ctx.input_shape = gates_in.shape
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        gates, cell, tanh_cell, hidden, *weights = ctx.saved_tensors
+        with _no_autocast(gates):
+            # Gradients reaching h_t: from the output (slot t + 1) and, added step by step, from step t + 1.
+            grad_h = grad_hidden[:, :, 1:].to(gates.dtype, copy=True)
+            grad_gates, weight_grads = run_backward(
+                grad_h, gates, cell, tanh_cell, hidden, weights, *ctx.layout
+            )
+        input_dtype, weight_dtypes = ctx.dtypes
+        weight_grads = [g.to(d) for g, d in zip(weight_grads, weight_dtypes, strict=True)]
+        return (grad_gates.view(ctx.input_shape).to(input_dtype), None, None, None, *weight_grads)
+
+
+def _compute_dtype(gates_in: torch.Tensor, weights) -> torch.dtype:
+    """float32 under bf16 / fp16 autocast (the gates arrive in half precision, the weights are float32):
+    the state runs through hundreds of steps, so it is kept at the weights' precision."""
+    dtype = gates_in.dtype
+    for w in weights:
+        dtype = torch.promote_types(dtype, w.dtype)
+    return dtype
+
+
+def _no_autocast(like: torch.Tensor):
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
+def run_forward(gates, weights, offsets, pad, batch, active=None):
+    """The forward recurrence on ``gates`` (D, 4h, T, N), which it turns into the activations in place.
+
+    Returns ``hidden`` (D, h, T + 1, line), ``cell`` (D, h, T + 1, N; slot 0 zero) and ``tanh_cell``
+    (D, h, T, N), everything ``run_backward`` needs. ``active``: per step the (start, stop) cells to
+    compute, or None for all; the others keep zero state (the caller guarantees they would).
+    """
+    num_dirs, four_h, steps, cells = gates.shape
+    h = four_h // 4
+    before, after = pad
+    line = cells + (before + after) * batch
+    first = before * batch
+    hidden = gates.new_zeros(num_dirs, h, steps + 1, line)
+    if active is None:
+        cell = gates.new_empty(num_dirs, h, steps + 1, cells)
+        cell[:, :, 0].zero_()
+    else:  # cells outside the active range are read as zero state
+        cell = gates.new_zeros(num_dirs, h, steps + 1, cells)
+    tanh_cell = gates.new_empty(num_dirs, h, steps, cells)
+    # Views made once, not per step: per step they would cost more than the arithmetic at small h.
+    gates_at = gates.unbind(2)
+    sigmoid_at = gates[:, : 3 * h].unbind(2)
+    candidate_at = gates[:, 3 * h :].unbind(2)
+    chunks_at = [step.split(h, 1) for step in gates_at]
+    cell_at = cell.unbind(2)
+    tanh_at = tanh_cell.unbind(2)
+    out_at = hidden[:, :, 1:, first : first + cells].unbind(2)
+    taps_at = [
+        (w, hidden[:, :, :, o * batch : o * batch + cells].unbind(2))
+        for w, o in zip(weights, offsets, strict=True)
+    ]
+    cut = _cutter(active, cells)
+    for t in range(steps):
+        a, b = cut[t]
+        step = gates_at[t][..., a:b]
+        if t > 0:
+            for weight, above in taps_at:
+                step.baddbmm_(weight, above[t][..., a:b])
+        sigmoid_at[t][..., a:b].sigmoid_()
+        candidate_at[t][..., a:b].tanh_()
+        i, f, o, g = (chunk[..., a:b] for chunk in chunks_at[t])
+        c = cell_at[t + 1][..., a:b]
+        tc = tanh_at[t][..., a:b]
+        torch.mul(f, cell_at[t][..., a:b], out=c)
+        c.addcmul_(i, g)
+        torch.tanh(c, out=tc)
+        torch.mul(o, tc, out=out_at[t][..., a:b])
+    return hidden, cell, tanh_cell
+
+
+def _cutter(active, cells):
+    """Per step (start, stop) along the cells; all of them when ``active`` is None."""
+    return _AllCells(cells) if active is None else active
+
+
+class _AllCells:
+    """Every step's (0, N), without a list as long as the steps."""
+
+    def __init__(self, cells):
+        self.cells = (0, cells)
+
+    def __getitem__(self, t):
+        return self.cells
+
+
+def run_backward(grad_h, gates, cell, tanh_cell, hidden, weights, offsets, pad, batch, active=None):
+    """Backward through time. ``grad_h`` (D, h, T, line): the loss's gradient with respect to each h_t
+    from outside the recurrence, in the hidden buffer's layout without slot 0; it is accumulated into
+    in place. Returns the gradients of the gates' input (D, 4h, T, N) and of each tap's weight."""
+    num_dirs, four_h, steps, cells = gates.shape
+    h = four_h // 4
+    first = pad[0] * batch
+    # Outside the active cells the gate gradients stay zero, so the weight gradients below may sum
+    # over all cells.
+    grad_gates = torch.empty_like(gates) if active is None else torch.zeros_like(gates)
+    dh_at = grad_h[:, :, :, first : first + cells].unbind(2)
+    taps_at = [
+        (w.transpose(1, 2), grad_h[:, :, :, o * batch : o * batch + cells].unbind(2))
+        for w, o in zip(weights, offsets, strict=True)
+    ]
+    grad_at = grad_gates.unbind(2)
+    grad_chunks_at = [step.split(h, 1) for step in grad_at]
+    grad_if_at = grad_gates[:, : 2 * h].unflatten(1, (2, h)).unbind(3)  # (D, 2, h, N) per step
+    chunks_at = [step.split(h, 1) for step in gates.unbind(2)]
+    if_at = gates[:, : 2 * h].unbind(2)
+    cell_at = cell.unbind(2)
+    tanh_at = tanh_cell.unbind(2)
+    one = gates.new_ones(())
+    scratch = gates.new_empty(num_dirs, h, cells)
+    grad_c = gates.new_empty(num_dirs, h, cells)
+    grad_c_pair = grad_c[:, None]
+    carry = gates.new_zeros(num_dirs, h, cells)  # dL/dc_t from step t + 1: dc_{t+1} . f_{t+1}
+    cut = _cutter(active, cells)
+    for t in reversed(range(steps)):
+        a, b = cut[t]
+        if t < steps - 1:
+            a1, b1 = cut[t + 1]
+            upstream = grad_at[t + 1][..., a1:b1]
+            for weight_t, below in taps_at:
+                below[t][..., a1:b1].baddbmm_(weight_t, upstream)
+        dh = dh_at[t][..., a:b]
+        i, f, o, g = (chunk[..., a:b] for chunk in chunks_at[t])
+        tc = tanh_at[t][..., a:b]
+        dg_i, dg_f, dg_o, dg_g = (chunk[..., a:b] for chunk in grad_chunks_at[t])
+        dc, tmp, after = grad_c[..., a:b], scratch[..., a:b], carry[..., a:b]
+        # dc = dh . o . (1 - tanh(c)^2) + carry
+        torch.addcmul(one, tc, tc, value=-1, out=tmp)
+        tmp.mul_(o)
+        torch.addcmul(after, dh, tmp, out=dc)
+        # do = dh . tanh(c) . o (1 - o)
+        torch.addcmul(o, o, o, value=-1, out=dg_o)
+        dg_o.mul_(tc).mul_(dh)
+        # di = dc . g . i (1 - i),  df = dc . c_{t-1} . f (1 - f)
+        i_f = if_at[t][..., a:b]
+        torch.addcmul(i_f, i_f, i_f, value=-1, out=grad_at[t][:, : 2 * h, a:b])
+        dg_i.mul_(g)
+        dg_f.mul_(cell_at[t][..., a:b])
+        grad_if_at[t][..., a:b].mul_(grad_c_pair[..., a:b])
+        # dg = dc . i . (1 - g^2)
+        torch.addcmul(one, g, g, value=-1, out=dg_g)
+        dg_g.mul_(i).mul_(dc)
+        torch.mul(dc, f, out=after)
+    # State-to-state weights: every step's gate gradient against the hidden line it read, at once.
+    flat_grad = grad_gates.view(num_dirs, four_h, steps * cells)
+    weight_grads = []
+    for o in offsets:
+        start = o * batch
+        read = hidden[:, :, :steps, start : start + cells].reshape(num_dirs, h, steps * cells)
+        weight_grads.append(torch.bmm(flat_grad, read.transpose(1, 2)))
+    return grad_gates, weight_grads
+
+
+def lstm_recurrence(
+    gates_in: torch.Tensor,
+    weights: list[torch.Tensor],
+    offsets: tuple[int, ...],
+    pad: tuple[int, int],
+    batch: int,
+) -> torch.Tensor:
+    """Run the recurrence (see the module docstring); returns the hidden buffer (D, h, T + 1, line)."""
+    return LSTMRecurrence.apply(gates_in, tuple(offsets), tuple(pad), batch, *weights)
+
+
+def _skewed(steps: torch.Tensor, direction: int, rows: int, cols: int, batch: int) -> torch.Tensor:
+    """The on-image cells of one direction of a (2, F, T, L, B) step buffer (or of the hidden buffer,
+    (2, F, T + 1, L + 1, B) with its first slot and pad row skipped), as an (F, n, m, B) view:
+    pixel (r, j) sits at step r + j, position r."""
+    _, features, slots, positions, _ = steps.shape
+    base = steps[direction]
+    if positions == rows + 1:  # the hidden buffer: h_t in slot t + 1, a zero pad row on top
+        base = base[:, 1:, 1:]
+    slot, position = positions * batch, batch
+    return base.as_strided(
+        (features, rows, cols, batch), (slots * positions * batch, slot + position, slot, 1)
+    )
+
+
+def _diagonals(rows: int, cols: int, batch: int) -> list[tuple[int, int]]:
+    """The cells of each step on the image: diagonal d covers rows max(0, d - m + 1) .. min(n - 1, d).
+
+    Off-image cells have zero input and zero state around them, so their state stays exactly zero:
+    skipping them halves the work and changes nothing.
+    """
+    return [(max(0, d - cols + 1) * batch, (min(rows - 1, d) + 1) * batch) for d in range(rows + cols - 1)]
+
+
+class DiagonalRecurrence(torch.autograd.Function):
+    """Both directions of a Diagonal BiLSTM layer over the skewed map, as one autograd node.
+
+    ``left_to_right, right_to_left = DiagonalRecurrence.apply(gates_l2r, gates_r2l_mirrored, above,
+    left)``: input-to-state gates (B, 4h, n, m) of each direction (the right-to-left one on the
+    mirrored map), tap weights (2, 4h, h) for the pixel above and the pixel to the left (of each
+    direction's own map). Returns the hidden maps (B, h, n, m) of both, the second still mirrored.
+
+    Skewing is a strided copy into the step buffer (2, 4h, n + m - 1, n, B): step d holds diagonal d,
+    position r its pixel of row r; off-image cells stay at zero input, so their state stays exactly
+    zero, as in the plain skewed recurrence.
+    """
+
+    @staticmethod
+    def forward(ctx, gates_l2r, gates_r2l, above, left):
+        b, four_h, n, m = gates_l2r.shape
+        dtype = _compute_dtype(gates_l2r, (gates_r2l, above, left))
+        with _no_autocast(gates_l2r):
+            steps = gates_l2r.new_zeros(2, four_h, n + m - 1, n, b, dtype=dtype)
+            for direction, source in enumerate((gates_l2r, gates_r2l)):
+                _skewed(steps, direction, n, m, b).copy_(source.permute(1, 2, 3, 0))
+            gates = steps.view(2, four_h, n + m - 1, n * b)
+            weights = (above.to(dtype), left.to(dtype))
+            hidden, cell, tanh_cell = run_forward(gates, weights, (0, 1), (1, 0), b, _diagonals(n, m, b))
+        ctx.save_for_backward(gates, cell, tanh_cell, hidden, *weights)
+        ctx.dtypes = (gates_l2r.dtype, gates_r2l.dtype, above.dtype, left.dtype)
+        view = hidden.view(2, four_h // 4, n + m, n + 1, b)
+        return tuple(_skewed(view, d, n, m, b).permute(3, 0, 1, 2) for d in range(2))
+
+    @staticmethod
+    def backward(ctx, grad_l2r, grad_r2l):
+        gates, cell, tanh_cell, hidden, above, left = ctx.saved_tensors
+        b, h = grad_l2r.shape[0], grad_l2r.shape[1]
+        n, m = grad_l2r.shape[2:]
+        with _no_autocast(gates):
+            grad_h = gates.new_zeros(2, h, n + m, n + 1, b)
+            for direction, grad in enumerate((grad_l2r, grad_r2l)):
+                _skewed(grad_h, direction, n, m, b).copy_(grad.permute(1, 2, 3, 0))
+            grad_h = grad_h[:, :, 1:].reshape(2, h, n + m - 1, (n + 1) * b)
+            grad_gates, (grad_above, grad_left) = run_backward(
+                grad_h, gates, cell, tanh_cell, hidden, (above, left), (0, 1), (1, 0), b, _diagonals(n, m, b)
+            )
+        grad_steps = grad_gates.view(2, 4 * h, n + m - 1, n, b)
+        grads = [_skewed(grad_steps, d, n, m, b).permute(3, 0, 1, 2) for d in range(2)]
+        grads += [grad_above, grad_left]
+        return tuple(g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
+
+
+class RowInputToState(torch.autograd.Function):
+    """The Row LSTM's 1 x k mask-B input-to-state convolution over the taps the mask keeps, output laid
+    out for ``LSTMRecurrence``: ``RowInputToState.apply(x, weight, bias)`` with x (B, F, H, W), weight
+    (G, F, taps) (tap t reads column j - taps + 1 + t), bias (G,) -> (G, H, W, B).
+
+    The input is copied once, batch innermost and zero padded on the left of every row,
+    (F, H, W + taps - 1, B); flattened, tap t's shifted input is then a plain column range of one
+    matrix, so each tap is one matrix product on a slice, forward and backward, with no im2col copy.
+    The few outputs that fall on the pad columns read across a row boundary and are dropped.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        device = x.device.type
+        # Under autocast, what autocast would do for a convolution: everything in its lower precision.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        b, features, height, width = x.shape
+        taps = weight.shape[2]
+        pad = taps - 1
+        padded = x.new_zeros(features, height, width + pad, b)
+        padded[:, :, pad:].copy_(x.permute(1, 2, 3, 0))
+        flat = padded.view(features, -1)
+        out = x.new_empty(len(weight), height, width + pad, b)
+        target = out.view(len(weight), -1)[:, pad * b :]
+        count = target.shape[1]
+        torch.addmm(bias[:, None], weight[:, :, 0], flat[:, :count], out=target)
+        for t in range(1, taps):
+            target.addmm_(weight[:, :, t], flat[:, t * b : t * b + count])
+        ctx.save_for_backward(flat, weight)
+        ctx.shape = (b, height, width)
+        return out[:, :, pad:]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, weight = ctx.saved_tensors
+        b, height, width = ctx.shape
+        taps = weight.shape[2]
+        pad = taps - 1
+        grad = weight.new_zeros(len(weight), height, width + pad, b)
+        grad[:, :, pad:].copy_(grad_out)
+        target = grad.view(len(weight), -1)[:, pad * b :]
+        count = target.shape[1]
+        grad_flat = torch.zeros_like(flat)
+        grad_weight = torch.empty_like(weight)
+        for t in range(taps):
+            grad_flat[:, t * b : t * b + count].addmm_(weight[:, :, t].t(), target)
+            torch.mm(target, flat[:, t * b : t * b + count].t(), out=grad_weight[:, :, t])
+        grad_x = grad_flat.view(-1, height, width + pad, b)[:, :, pad:].permute(3, 0, 1, 2)
+        grads = (grad_x, grad_weight, target.sum(1))
+        return tuple(g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
