@@ -9,6 +9,7 @@ against the base network's, from the same run.
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+# This checkout's code, whatever else is installed (python puts benchmarks/, not the root, on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build(model: str, overrides: list[str]):

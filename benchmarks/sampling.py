@@ -28,6 +28,7 @@ stages, logistic mixture of 10); --pp-filters / --pp-resnet change it. The JSON 
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+# This checkout's code, whatever else is installed (python puts benchmarks/, not the root, on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pixel_models.sampling.generate import generate, uniform_noise
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
