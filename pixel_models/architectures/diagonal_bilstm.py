@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pixel_models.blocks.conditioning import class_bias, class_index
+from pixel_models.blocks.conditioning import class_bias
 from pixel_models.blocks.layers import (
     FirstLayer,
     OutputLayers,
     ResidualSkipStack,
-    check_input,
+    StackInputAtPosition,
     stack_at_position,
+    stack_input,
 )
 from pixel_models.blocks.lstm import LSTMGatesAtPixel
 from pixel_models.blocks.masks import MaskedConv2d
@@ -200,14 +201,8 @@ class DiagonalBiLSTM(nn.Module):
     ) -> torch.Tensor:
         """Images (B, C, H, W) in [0, 1] -> the distribution's parameters (B, P, H, W). ``condition``: maps
         (B, 2h, H, W) added to the first layer's output and to each layer's input (Multi-Scale PixelRNN)."""
-        check_input(x, self.num_channels)
-        index = class_index(label, len(x), self.num_classes, x.device)
-        h = self.first(x)
-        if self.first_bias is not None:
-            h = h + self.first_bias(index)[:, :, None, None]
-        if condition is not None:
-            h = h + condition[0]
-        return self.output(self.stack(h, x, index, condition=None if condition is None else condition[1:]))
+        h, index, condition = stack_input(self, x, label, condition)
+        return self.output(self.stack(h, x, index, condition=condition))
 
     def cached_stepper(
         self, label: torch.Tensor | None = None, condition: list[torch.Tensor] | None = None
@@ -308,14 +303,7 @@ class CachedDiagonalBiLSTMStepper:
         label: torch.Tensor | None = None,
         condition: list[torch.Tensor] | None = None,
     ):
-        self.first = net.first.at_position()
-        # Condition maps channels last, so that a pixel's values are one contiguous (L + 1, B, 2h) slice.
-        self.condition = (
-            None if condition is None else torch.stack(condition).permute(0, 1, 3, 4, 2).contiguous()
-        )
-        self.first_bias_table = net.first_bias
-        self.num_classes = net.num_classes
-        self.label = label
+        self.stack_input = StackInputAtPosition(net, label, condition)
         self.stack = net.stack
         self.output = net.output.at_position()
         layers = list(net.stack.layers)
@@ -406,19 +394,10 @@ class CachedDiagonalBiLSTMStepper:
         """The distribution's parameters (B, P) at pixel (i, j) for colour c's step, given the image ``x``
         (B, C, H, W) generated so far."""
         if (i, j, c) == (0, 0, 0):
-            index = class_index(self.label, len(x), self.num_classes, x.device)
-            self.first_bias = None if index is None else self.first_bias_table(index).detach()
+            index = self.stack_input.reset(x)
             if self.layers:  # (a stack of no layers has nothing to cache)
                 self.reset(len(x), x.shape[3], index)
         if self.layers and (j, c) == (0, 0):
             self.start_row(x, i)
-        h = self.first.features(x, i, j)
-        if self.first_bias is not None:
-            h = h + self.first_bias
-        condition = None if self.condition is None else self.condition[:, :, i, j]
-        if condition is not None:
-            h = h + condition[0]
-        h = stack_at_position(
-            self.stack, h, self.layers, j, condition=None if condition is None else condition[1:]
-        )
-        return self.output(h)
+        h, condition = self.stack_input(x, i, j)
+        return self.output(stack_at_position(self.stack, h, self.layers, j, condition=condition))

@@ -13,13 +13,14 @@ first layer's output and on every block's 1x1 reduction (``blocks.conditioning``
 import torch
 from torch import nn
 
-from pixel_models.blocks.conditioning import class_bias, class_index
+from pixel_models.blocks.conditioning import class_bias
 from pixel_models.blocks.layers import (
     FirstLayer,
     OutputLayers,
     ResidualSkipStack,
-    check_input,
+    StackInputAtPosition,
     stack_at_position,
+    stack_input,
 )
 from pixel_models.blocks.masks import MaskedConv2d
 from pixel_models.distributions import build_distribution
@@ -77,14 +78,8 @@ class PixelCNN(nn.Module):
     ) -> torch.Tensor:
         """Images (B, C, H, W) in [0, 1] -> the distribution's parameters (B, P, H, W). ``condition``: maps
         (B, 2h, H, W) added to the first layer's output and to each layer's input (Multi-Scale PixelRNN)."""
-        check_input(x, self.num_channels)
-        index = class_index(label, len(x), self.num_classes, x.device)
-        h = self.first(x)
-        if self.first_bias is not None:
-            h = h + self.first_bias(index)[:, :, None, None]
-        if condition is not None:
-            h = h + condition[0]
-        return self.output(self.stack(h, index, condition=None if condition is None else condition[1:]))
+        h, index, condition = stack_input(self, x, label, condition)
+        return self.output(self.stack(h, index, condition=condition))
 
     def cached_stepper(
         self, label: torch.Tensor | None = None, condition: list[torch.Tensor] | None = None
@@ -139,14 +134,7 @@ class CachedPixelCNNStepper:
     def __init__(
         self, net: PixelCNN, label: torch.Tensor | None = None, condition: list[torch.Tensor] | None = None
     ):
-        self.first = net.first.at_position()
-        # Condition maps channels last, so that a pixel's values are one contiguous (L + 1, B, 2h) slice.
-        self.condition = (
-            None if condition is None else torch.stack(condition).permute(0, 1, 3, 4, 2).contiguous()
-        )
-        self.first_bias_table = net.first_bias
-        self.num_classes = net.num_classes
-        self.label = label
+        self.stack_input = StackInputAtPosition(net, label, condition)
         self.stack = net.stack
         self.blocks = [ResidualBlockAtPosition(block) for block in net.stack.layers]
         self.output = net.output.at_position()
@@ -156,17 +144,8 @@ class CachedPixelCNNStepper:
         (B, C, H, W) generated so far."""
         if (i, j, c) == (0, 0, 0):
             batch, _, height, width = x.shape
-            index = class_index(self.label, batch, self.num_classes, x.device)
-            self.first_bias = None if index is None else self.first_bias_table(index).detach()
+            index = self.stack_input.reset(x)
             for block in self.blocks:
                 block.reset(batch, height, width, index)
-        h = self.first.features(x, i, j)
-        if self.first_bias is not None:
-            h = h + self.first_bias
-        condition = None if self.condition is None else self.condition[:, :, i, j]
-        if condition is not None:
-            h = h + condition[0]
-        h = stack_at_position(
-            self.stack, h, self.blocks, i, j, condition=None if condition is None else condition[1:]
-        )
-        return self.output(h)
+        h, condition = self.stack_input(x, i, j)
+        return self.output(stack_at_position(self.stack, h, self.blocks, i, j, condition=condition))

@@ -6,13 +6,16 @@
 - the output layers: ReLU + 1x1 mask-B convolutions, the last giving the output distribution's parameter
   maps (B, P, H, W) (for the K-way softmax, P = K * C logits; see ``distributions``).
 
-Cached samplers evaluate the first and the output layers at one pixel at a time: ``FirstLayer.at_position``
-and ``OutputLayers.at_position`` (built on ``masks.ConvAtPosition``).
+The stack's input is the first layer's output plus, in a conditional network, the class bias and the
+Multi-Scale PixelRNN's first condition map: ``stack_input`` over the whole image, ``StackInputAtPosition``
+at one pixel. Cached samplers evaluate the first and the output layers at one pixel at a time:
+``FirstLayer.at_position`` and ``OutputLayers.at_position`` (built on ``masks.ConvAtPosition``).
 """
 
 import torch
 from torch import nn
 
+from pixel_models.blocks.conditioning import class_index
 from pixel_models.blocks.masks import ConvAtPosition, MaskedConv2d
 
 
@@ -55,6 +58,60 @@ class FirstLayerAtPosition(ConvAtPosition):
         first = max(0, i - self.pad_top)
         self.write_rows(self.image, first, x[:, :, first : i + 1])
         return self.at(self.image, i, j)
+
+
+def stack_input(
+    net: nn.Module, x: torch.Tensor, label: torch.Tensor | None, condition: list[torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
+    """What the stack of ``net`` (a network with ``first``, ``first_bias``, ``num_channels`` and
+    ``num_classes``) takes for images x (B, C, H, W): its input ``first(x)`` plus the class bias and
+    ``condition[0]`` (B, 2h, H, W); the class indices (B,) (None when unconditional); and the layers'
+    condition maps ``condition[1:]`` (None without ``condition``)."""
+    check_input(x, net.num_channels)
+    index = class_index(label, len(x), net.num_classes, x.device)
+    h = net.first(x)
+    if net.first_bias is not None:
+        h = h + net.first_bias(index)[:, :, None, None]
+    if condition is None:
+        return h, index, None
+    return h + condition[0], index, condition[1:]
+
+
+class StackInputAtPosition:
+    """``stack_input`` at one pixel (cached sampling), for a network ``net`` as there.
+
+    ``reset(x)`` at the first step gives the class indices and computes the first layer's class bias;
+    then a call per step gives the stack's input (B, 2h) at pixel (i, j) and the layers' condition maps
+    there ((L, B, 2h), or None).
+    """
+
+    def __init__(self, net: nn.Module, label: torch.Tensor | None, condition: list[torch.Tensor] | None):
+        self.first = net.first.at_position()
+        self.first_bias_table = net.first_bias
+        self.num_classes = net.num_classes
+        self.label = label
+        self.first_bias: torch.Tensor | None = None
+        # Condition maps channels last, so that a pixel's values are one contiguous (L + 1, B, 2h) slice.
+        self.condition = (
+            None if condition is None else torch.stack(condition).permute(0, 1, 3, 4, 2).contiguous()
+        )
+
+    def reset(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The class indices (B,) for images like x (None when unconditional); the caches start over."""
+        index = class_index(self.label, len(x), self.num_classes, x.device)
+        self.first_bias = None if index is None else self.first_bias_table(index).detach()
+        return index
+
+    def __call__(self, x: torch.Tensor, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stack's input at pixel (i, j) of the image ``x`` (B, C, H, W) generated so far, and the
+        layers' condition maps there."""
+        h = self.first.features(x, i, j)
+        if self.first_bias is not None:
+            h = h + self.first_bias
+        if self.condition is None:
+            return h, None
+        condition = self.condition[:, :, i, j]
+        return h + condition[0], condition[1:]
 
 
 class ResidualSkipStack(nn.Module):
