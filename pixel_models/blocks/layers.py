@@ -78,12 +78,8 @@ def stack_input(
 
 
 class StackInputAtPosition:
-    """``stack_input`` at one pixel (cached sampling), for a network ``net`` as there.
-
-    ``reset(x)`` at the first step gives the class indices and computes the first layer's class bias;
-    then a call per step gives the stack's input (B, 2h) at pixel (i, j) and the layers' condition maps
-    there ((L, B, 2h), or None).
-    """
+    """``stack_input`` at one pixel (cached sampling), for a network ``net`` as there: ``reset(x)`` at the
+    first step, then one call per step."""
 
     def __init__(self, net: nn.Module, label: torch.Tensor | None, condition: list[torch.Tensor] | None):
         self.first = net.first.at_position()
@@ -97,14 +93,15 @@ class StackInputAtPosition:
         )
 
     def reset(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The class indices (B,) for images like x (None when unconditional); the caches start over."""
+        """At the first step: the first layer's class bias for the images x (B, C, H, W) being generated,
+        and their class indices (B,) for the layers' own biases (None when unconditional)."""
         index = class_index(self.label, len(x), self.num_classes, x.device)
         self.first_bias = None if index is None else self.first_bias_table(index).detach()
         return index
 
     def __call__(self, x: torch.Tensor, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stack's input at pixel (i, j) of the image ``x`` (B, C, H, W) generated so far, and the
-        layers' condition maps there."""
+        """The stack's input (B, 2h) at pixel (i, j) of the image ``x`` (B, C, H, W) generated so far,
+        and the layers' condition maps there ((L, B, 2h), None without ``condition``)."""
         h = self.first.features(x, i, j)
         if self.first_bias is not None:
             h = h + self.first_bias
