@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from pixel_models.cli import user_errors
-from pixel_models.sampling.generate import sample_class_grid, sample_grid
+from pixel_models.sampling.generate import sample_grid
 from pixel_models.training.builders import build, build_all
 from pixel_models.training.callbacks import StoreDataConfig
 from pixel_models.training.checkpoint import (
@@ -213,10 +213,7 @@ def run_stages(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt: dic
 def write_final_samples(cfg: DictConfig, best: str) -> None:
     final = load_module(best)
     facts = (final.num_channels, final.image_size, final.num_levels, cfg.seed)
-    if final.conditional:  # one row per class
-        grid = sample_class_grid(final.net, cfg.final_samples, *facts)[-1]
-    else:
-        grid = sample_grid(final.net, cfg.final_samples, *facts)[1]
+    grid = sample_grid(final.net, cfg.final_samples, *facts)[-1]  # a conditional model: one row per class
     save_image(grid, Path(cfg.output_dir) / "samples.png")
     log.info(f"samples written to {Path(cfg.output_dir) / 'samples.png'}")
 

@@ -140,6 +140,15 @@ def generate(
     return levels
 
 
+def class_rows(num_classes: int, num_samples: int) -> tuple[torch.Tensor, int]:
+    """Labels for a grid with one row per class of at least ``num_samples`` images in all: (N,) classes,
+    row by row, and the images per row, ceil(num_samples / num_classes)."""
+    if num_classes < 1:
+        raise ValueError("a grid of one row per class needs a conditional model")
+    per_class = max(1, -(-num_samples // num_classes))
+    return torch.arange(num_classes).repeat_interleave(per_class), per_class
+
+
 def sample_grid(
     net: torch.nn.Module,
     num_samples: int,
@@ -150,53 +159,26 @@ def sample_grid(
     temperature: float = 1.0,
     method: str = "cached",
     device: torch.device | str = "cpu",
-    label: torch.Tensor | None = None,
-    nrow: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``num_samples`` images sampled from noise fixed by ``seed``, with the network in eval mode (its mode
-    is restored after): the levels (N, C, H, W) and their grid (3, H', W'). train.py's final samples, the
-    sample-grid callback and sample.py all sample through here. ``label``: (N,) classes of a conditional
-    network's samples (None: unconditional); ``nrow``: images per grid row."""
-    noise = uniform_noise(num_samples, num_channels, image_size, image_size, seed).to(device)
+    is restored after). A conditional network (``net.num_classes`` > 0) gets one grid row per class
+    (``class_rows``: at least ``num_samples`` images in all), every row from the same noise, so the
+    images of a column differ only by their class. Returns the levels (N, C, H, W), their labels (N,)
+    (None for an unconditional network) and the grid (3, H', W'). train.py's final samples and the
+    sample-grid callback sample through here."""
+    num_classes = getattr(net, "num_classes", 0)
+    if num_classes > 0:
+        labels, per_row = class_rows(num_classes, num_samples)
+        noise = uniform_noise(per_row, num_channels, image_size, image_size, seed)
+        noise = noise.repeat(num_classes, 1, 1, 1)
+    else:
+        labels, per_row = None, None
+        noise = uniform_noise(num_samples, num_channels, image_size, image_size, seed)
+    label = None if labels is None else labels.to(device)
     was_training = net.training
     net.eval()
     try:
-        levels = generate(net, noise, num_levels, temperature, method, label=label)
+        levels = generate(net, noise.to(device), num_levels, temperature, method, label=label)
     finally:
         net.train(was_training)
-    return levels, levels_grid(levels, num_levels, nrow)
-
-
-def class_rows(num_classes: int, num_samples: int) -> tuple[torch.Tensor, int]:
-    """Labels for a grid with one row per class of at least ``num_samples`` images in all: (N,) classes,
-    row by row, and the images per row, ceil(num_samples / num_classes)."""
-    if num_classes < 1:
-        raise ValueError("a grid of one row per class needs a conditional model")
-    per_class = max(1, -(-num_samples // num_classes))
-    return torch.arange(num_classes).repeat_interleave(per_class), per_class
-
-
-def sample_class_grid(
-    net: torch.nn.Module,
-    num_samples: int,
-    num_channels: int,
-    image_size: int,
-    num_levels: int,
-    seed: int,
-    temperature: float = 1.0,
-    method: str = "cached",
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A conditional network's samples, one grid row per class (``class_rows``), with the network in eval
-    mode (restored after). Every row uses the same noise, so the images of a column differ only by their
-    class. Returns the levels (N, C, H, W), their labels (N,) and the grid (3, H', W')."""
-    labels, per_class = class_rows(net.num_classes, num_samples)
-    noise = uniform_noise(per_class, num_channels, image_size, image_size, seed)
-    noise = noise.repeat(net.num_classes, 1, 1, 1).to(device)
-    was_training = net.training
-    net.eval()
-    try:
-        levels = generate(net, noise, num_levels, temperature, method, label=labels.to(device))
-    finally:
-        net.train(was_training)
-    return levels, labels, levels_grid(levels, num_levels, nrow=per_class)
+    return levels, labels, levels_grid(levels, num_levels, nrow=per_row)

@@ -19,13 +19,7 @@ from lightning.pytorch.utilities.model_summary.model_summary import (
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from pixel_models.sampling.generate import (
-    check_method,
-    generate,
-    sample_class_grid,
-    sample_grid,
-    uniform_noise,
-)
+from pixel_models.sampling.generate import check_method, generate, sample_grid, uniform_noise
 from pixel_models.training.checkpoint import stored_data_config
 
 log = logging.getLogger(__name__)
@@ -118,21 +112,8 @@ class SampleGrid(L.Callback):
 
     def sample(self, pl_module) -> torch.Tensor:
         """The grid (3, H', W'), float in [0, 1], sampled with the module in eval mode; for a conditional
-        model one row per class (``sample_class_grid``: at least ``num_samples`` images in all)."""
-        if getattr(pl_module.net, "num_classes", 0) > 0:
-            _, _, grid = sample_class_grid(
-                pl_module.net,
-                self.num_samples,
-                pl_module.num_channels,
-                pl_module.image_size,
-                pl_module.num_levels,
-                self.seed,
-                self.temperature,
-                self.method,
-                pl_module.device,
-            )
-            return grid
-        _, grid = sample_grid(
+        model one row per class (``sample_grid``: at least ``num_samples`` images in all)."""
+        return sample_grid(
             pl_module.net,
             self.num_samples,
             pl_module.num_channels,
@@ -142,8 +123,7 @@ class SampleGrid(L.Callback):
             self.temperature,
             self.method,
             pl_module.device,
-        )
-        return grid
+        )[-1]
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch
