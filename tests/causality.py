@@ -29,6 +29,22 @@ def input_gradients(net, num_channels: int, height: int, width: int, batch: int 
     return grads
 
 
+def layer_input_gradients(layer, height: int, width: int, batch: int = 4, image_channels: int = 0):
+    """|d output(i, j) / d input(i', j')| of one recurrent layer, summed over batch and feature maps:
+    (H, W, H, W). The input has the layer's 2 * hidden maps; ``image_channels`` > 0: the layer also reads
+    an image of that many channels (the Diagonal BiLSTM layer's right-to-left gates), a random one."""
+    layer = layer.double()
+    x = torch.randn(batch, 2 * layer.hidden, height, width, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(batch, image_channels, height, width, dtype=torch.float64) if image_channels else None
+    out = layer(x) if image is None else layer(x, image)
+    grads = torch.zeros(height, width, height, width, dtype=torch.float64)
+    for i in range(height):
+        for j in range(width):
+            (g,) = torch.autograd.grad(out[:, :, i, j].sum(), x, retain_graph=True)
+            grads[i, j] = g.abs().sum((0, 1))
+    return grads
+
+
 def allowed_inputs(
     num_channels: int, height: int, width: int, order: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -10,9 +10,10 @@ import time
 
 import pytest
 import torch
+from helpers import worst_step_difference
 
 from pixel_models.architectures import build_network
-from pixel_models.sampling.generate import NaiveStepper, generate, step_logits
+from pixel_models.sampling.generate import generate
 
 ARCHITECTURES = ("row_lstm", "diag_bilstm")
 SMALL = {"hidden": 6, "num_layers": 2, "output_hidden": 12}
@@ -24,23 +25,6 @@ def small_net(arch: str, num_channels: int, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     kwargs = {**SMALL, **overrides}
     return build_network(arch, num_channels=num_channels, num_levels=NUM_LEVELS, **kwargs).double().eval()
-
-
-def worst_step_difference(net: torch.nn.Module, image: torch.Tensor, stepper=None) -> float:
-    """Walk the sub-pixels of ``image`` in raster order, filling it in as generate does (later sub-pixels
-    zero), and return the largest difference between cached and naive logits over all steps."""
-    batch, channels, height, width = image.shape
-    x = torch.zeros_like(image)
-    cached, naive = stepper or net.cached_stepper(), NaiveStepper(net)
-    worst = 0.0
-    with torch.no_grad():
-        for i in range(height):
-            for j in range(width):
-                for c in range(channels):
-                    expected = step_logits(net, naive, x, i, j, c)
-                    worst = max(worst, (step_logits(net, cached, x, i, j, c) - expected).abs().max().item())
-                    x[:, c, i, j] = image[:, c, i, j]
-    return worst
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -83,7 +67,7 @@ def test_stepper_starts_over_for_a_new_batch_and_shape(arch):
     stepper = net.cached_stepper()
     for batch, height, width in [(3, 4, 6), (2, 5, 4), (3, 4, 6)]:
         image = torch.rand(batch, 3, height, width, dtype=torch.float64)
-        assert worst_step_difference(net, image, stepper) < 1e-9
+        assert worst_step_difference(net, image, stepper=stepper) < 1e-9
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

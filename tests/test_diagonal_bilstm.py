@@ -1,6 +1,7 @@
 import pytest
 import torch
-from causality import allowed_inputs, assert_causal
+from causality import allowed_inputs, assert_causal, layer_input_gradients
+from helpers import output_colour_mask
 
 from pixel_models.architectures import ARCHITECTURES, build_network
 from pixel_models.architectures.diagonal_bilstm import DiagonalBiLSTM, DiagonalBiLSTMLayer, skew, unskew
@@ -25,24 +26,10 @@ def test_skew_keeps_leading_dimensions_and_gradients():
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
-def layer_input_gradients(layer, height, width, batch=4):
-    """|d output(i, j) / d input(i', j')| summed over batch and feature maps: (H, W, H, W)."""
-    layer = layer.double()
-    x = torch.randn(batch, 2 * layer.hidden, height, width, dtype=torch.float64, requires_grad=True)
-    image = torch.rand(batch, 1, height, width, dtype=torch.float64)
-    out = layer(x, image)
-    grads = torch.zeros(height, width, height, width, dtype=torch.float64)
-    for i in range(height):
-        for j in range(width):
-            (g,) = torch.autograd.grad(out[:, :, i, j].sum(), x, retain_graph=True)
-            grads[i, j] = g.abs().sum((0, 1))
-    return grads
-
-
 @pytest.mark.parametrize("height, width", [(5, 5), (3, 6), (6, 3)])
 def test_one_layer_sees_every_earlier_pixel_and_itself(height, width):
     layer = DiagonalBiLSTMLayer(hidden=6, num_colors=1)
-    grads = layer_input_gradients(layer, height, width)
+    grads = layer_input_gradients(layer, height, width, image_channels=1)
     pixel = torch.arange(height * width).view(height, width)
     earlier_or_same = pixel[:, :, None, None] >= pixel[None, None, :, :]
     assert torch.equal(grads > 0, earlier_or_same)
@@ -89,12 +76,8 @@ def reference_diagonal_bilstm_layer(layer, x, image, num_colors):
     for q in range(8 * h):
         for f in range(2 * h):
             mask_is[q, f] = float((q % h) % num_colors >= f % num_colors)
-    mask_out = torch.zeros_like(w_out)
-    for q in range(2 * h):
-        for f in range(h):
-            mask_out[q, f] = float(q % num_colors >= f % num_colors)
     w_is = w_is * mask_is
-    w_out = w_out * mask_out
+    w_out = w_out * output_colour_mask(w_out, num_colors)
     batch, _, height, width = x.shape
 
     def direction(w, b, u, step, w_img=None):

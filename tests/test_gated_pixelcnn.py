@@ -8,9 +8,10 @@ Nets run in float64, so cached and naive logits agree to ~1e-16.
 import pytest
 import torch
 from causality import assert_causal, input_gradients, logits_of
+from helpers import worst_step_difference
 
 from pixel_models.architectures.gated_pixelcnn import GatedPixelCNN
-from pixel_models.sampling.generate import NaiveStepper, generate, step_logits, uniform_noise
+from pixel_models.sampling.generate import generate, uniform_noise
 
 NUM_LEVELS = 4
 
@@ -80,23 +81,6 @@ def test_runs_at_any_size_and_checks_input():
         GatedPixelCNN(1, 2, kernel_size=4)
     with pytest.raises(ValueError, match="num_layers"):
         GatedPixelCNN(1, 2, num_layers=0)
-
-
-def worst_step_difference(net, image: torch.Tensor, label: torch.Tensor | None = None) -> float:
-    """Walk ``image`` in raster order as generate does (later sub-pixels zero) and return the largest
-    difference between cached and naive logits over all steps."""
-    _, channels, height, width = image.shape
-    x = torch.zeros_like(image)
-    cached, naive = net.cached_stepper(label), NaiveStepper(net, label)
-    worst = 0.0
-    with torch.no_grad():
-        for i in range(height):
-            for j in range(width):
-                for c in range(channels):
-                    expected = step_logits(net, naive, x, i, j, c)
-                    worst = max(worst, (step_logits(net, cached, x, i, j, c) - expected).abs().max().item())
-                    x[:, c, i, j] = image[:, c, i, j]
-    return worst
 
 
 @pytest.mark.parametrize("num_channels", [1, 3])

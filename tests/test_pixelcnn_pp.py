@@ -5,11 +5,11 @@ and the configs."""
 import pytest
 import torch
 from causality import allowed_inputs, input_gradients
-from helpers import compose_train
+from helpers import compose_train, worst_step_difference
 from hydra.utils import instantiate
 
 from pixel_models.architectures.pixelcnn_pp import PixelCNNPP
-from pixel_models.sampling.generate import NaiveStepper, generate, step_logits
+from pixel_models.sampling.generate import generate
 from pixel_models.training.module import AutoregressiveModule
 
 MIXTURE = {"name": "logistic_mixture", "num_mixtures": 2}
@@ -54,17 +54,7 @@ def test_cached_logits_equal_naive_at_every_step(channels, output):
     label = torch.tensor([0, 2])
     height, width = 8, 8
     image = torch.rand(2, channels, height, width, dtype=torch.float64)
-    x = torch.zeros_like(image)
-    cached, naive = net.cached_stepper(label), NaiveStepper(net, label)
-    worst = 0.0
-    with torch.no_grad():
-        for i in range(height):
-            for j in range(width):
-                for c in range(channels):
-                    expected = step_logits(net, naive, x, i, j, c)
-                    worst = max(worst, (step_logits(net, cached, x, i, j, c) - expected).abs().max().item())
-                    x[:, c, i, j] = image[:, c, i, j]
-    assert worst < 1e-10
+    assert worst_step_difference(net, image, label) < 1e-10
     noise = torch.rand(2, channels, height, width)
     samples = generate(net, noise, 256, method="cached", label=label)
     assert torch.equal(samples, generate(net, noise, 256, method="naive", label=label))

@@ -1,22 +1,10 @@
 import pytest
 import torch
-from causality import assert_causal
+from causality import assert_causal, layer_input_gradients
+from helpers import output_colour_mask
 
 from pixel_models.architectures import ARCHITECTURES, build_network
 from pixel_models.architectures.row_lstm import RowLSTM, RowLSTMLayer
-
-
-def layer_input_gradients(layer, height, width, batch=4):
-    """|d output(i, j) / d input(i', j')| summed over batch and feature maps: (H, W, H, W)."""
-    layer = layer.double()
-    x = torch.randn(batch, 2 * layer.hidden, height, width, dtype=torch.float64, requires_grad=True)
-    out = layer(x)
-    grads = torch.zeros(height, width, height, width, dtype=torch.float64)
-    for i in range(height):
-        for j in range(width):
-            (g,) = torch.autograd.grad(out[:, :, i, j].sum(), x, retain_graph=True)
-            grads[i, j] = g.abs().sum((0, 1))
-    return grads
 
 
 def layer_context(height, width, kernel_size):
@@ -93,12 +81,8 @@ def reference_row_lstm_layer(layer, x, num_colors):
             for t in range(k):
                 if t < centre or (t == centre and (q % h) % num_colors >= f % num_colors):
                     mask_is[q, f, t] = 1
-    mask_out = torch.zeros_like(w_out)
-    for q in range(2 * h):
-        for f in range(h):
-            mask_out[q, f] = float(q % num_colors >= f % num_colors)
     w_is = w_is * mask_is
-    w_out = w_out * mask_out
+    w_out = w_out * output_colour_mask(w_out, num_colors)
 
     batch, _, height, width = x.shape
     hid = torch.zeros(batch, h, height, width, dtype=x.dtype)

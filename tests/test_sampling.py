@@ -9,6 +9,7 @@ import types
 import lightning as L
 import pytest
 import torch
+from helpers import worst_step_difference
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 from datamodules.base import IndexedImages
 from pixel_models.architectures import build_network
 from pixel_models.blocks.masks import MaskedConv2d
-from pixel_models.sampling.generate import NaiveStepper, generate, make_stepper, step_logits
+from pixel_models.sampling.generate import NaiveStepper, generate, make_stepper
 from pixel_models.training.callbacks import SampleGrid
 from pixel_models.training.module import AutoregressiveModule
 
@@ -39,17 +40,7 @@ def test_cached_logits_equal_naive_at_every_step(arch, num_channels):
     """Step by step over an image filled in raster order, as generate does: the logits agree to 1e-9."""
     net = small_net(arch, num_channels)
     image = torch.rand(2, num_channels, HEIGHT, WIDTH, dtype=torch.float64)
-    x = torch.zeros_like(image)
-    cached, naive = net.cached_stepper(), NaiveStepper(net)
-    worst = 0.0
-    with torch.no_grad():
-        for i in range(HEIGHT):
-            for j in range(WIDTH):
-                for c in range(num_channels):
-                    expected = step_logits(net, naive, x, i, j, c)
-                    worst = max(worst, (step_logits(net, cached, x, i, j, c) - expected).abs().max().item())
-                    x[:, c, i, j] = image[:, c, i, j]
-    assert worst < 1e-9
+    assert worst_step_difference(net, image) < 1e-9
 
 
 def test_pixelcnn_stepper_with_skip_and_no_residual():
@@ -124,6 +115,18 @@ def test_sample_grid_writes_png_with_csv_logger(tmp_path):
     assert module.training
 
 
+def epoch_end_trainer(tmp_path, logger, current_epoch: int, global_step: int) -> types.SimpleNamespace:
+    """What SampleGrid reads of the trainer at a training epoch's end, on the global-zero process."""
+    return types.SimpleNamespace(
+        current_epoch=current_epoch,
+        global_step=global_step,
+        sanity_checking=False,
+        is_global_zero=True,
+        loggers=[logger],
+        default_root_dir=str(tmp_path),
+    )
+
+
 class RecordingWandb(WandbLogger):
     """Only what SampleGrid uses: log_image, recorded."""
 
@@ -137,14 +140,7 @@ class RecordingWandb(WandbLogger):
 def test_sample_grid_gives_wandb_uint8_hwc_and_leaves_rng_and_mode_alone(tmp_path):
     module = tiny_module(image_size=5).train()
     wandb = RecordingWandb()
-    trainer = types.SimpleNamespace(
-        current_epoch=1,
-        global_step=7,
-        sanity_checking=False,
-        is_global_zero=True,
-        loggers=[wandb],
-        default_root_dir=str(tmp_path),
-    )
+    trainer = epoch_end_trainer(tmp_path, wandb, current_epoch=1, global_step=7)
     callback = SampleGrid(every_n_epochs=2, num_samples=3)
     state = torch.get_rng_state()
     callback.on_train_epoch_end(trainer, module)
@@ -161,14 +157,7 @@ def test_sample_grid_gives_wandb_uint8_hwc_and_leaves_rng_and_mode_alone(tmp_pat
 
 def test_sample_grid_goes_to_tensorboard(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb", version="")
-    trainer = types.SimpleNamespace(
-        current_epoch=0,
-        global_step=3,
-        sanity_checking=False,
-        is_global_zero=True,
-        loggers=[logger],
-        default_root_dir=str(tmp_path),
-    )
+    trainer = epoch_end_trainer(tmp_path, logger, current_epoch=0, global_step=3)
     SampleGrid(every_n_epochs=1, num_samples=2).on_train_epoch_end(trainer, tiny_module(image_size=4))
     logger.experiment.flush()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import compose_train
+from helpers import GRIDS_EVERY_EPOCH, compose_train
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
@@ -201,13 +201,7 @@ def test_tensorboard_gets_the_same_scalars_and_images(tmp_path):
         "callbacks.progress_bar=null",
         "callbacks.model_summary=null",
         "+trainer.enable_progress_bar=false",
-        "+callbacks.sample_grid._target_=pixel_models.training.callbacks.SampleGrid",
-        "+callbacks.sample_grid.every_n_epochs=1",
-        "+callbacks.sample_grid.num_samples=4",
-        "+callbacks.completion_grid._target_=pixel_models.training.callbacks.CompletionGrid",
-        "+callbacks.completion_grid.every_n_epochs=1",
-        "+callbacks.completion_grid.num_images=2",
-        "+callbacks.completion_grid.completions_per_image=1",
+        *GRIDS_EVERY_EPOCH,
     )
     train(cfg)
     events = EventAccumulator(str(Path(tmp_path) / "tensorboard"), size_guidance={"images": 0, "scalars": 0})

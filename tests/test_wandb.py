@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from helpers import ROOT, compose_train
+from helpers import GRIDS_EVERY_EPOCH, ROOT, compose_train
 
 # What every training run logs, besides the NLLs (see TrainingSignals and LearningRate).
 WATCHED = ("lr-Adam", "train/grad_norm", "train/images_per_sec", "train/epoch_time_s")
@@ -118,14 +118,7 @@ def test_wandb_without_a_key_runs_offline_and_records_what_people_watch(no_wandb
         "debug=fast",
         "test=false",
         "trainer.max_epochs=2",
-        # a sample grid and a completion grid every epoch, logged through the logger as uint8 images
-        "+callbacks.sample_grid._target_=pixel_models.training.callbacks.SampleGrid",
-        "+callbacks.sample_grid.every_n_epochs=1",
-        "+callbacks.sample_grid.num_samples=4",
-        "+callbacks.completion_grid._target_=pixel_models.training.callbacks.CompletionGrid",
-        "+callbacks.completion_grid.every_n_epochs=1",
-        "+callbacks.completion_grid.num_images=2",
-        "+callbacks.completion_grid.completions_per_image=1",
+        *GRIDS_EVERY_EPOCH,  # logged through the logger as uint8 images
     )
     seen = SeeRun()
     with caplog.at_level(logging.INFO, logger="train"):
