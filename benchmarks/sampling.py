@@ -38,6 +38,8 @@ from hydra.utils import instantiate
 
 # This checkout's code, whatever else is installed (python puts benchmarks/, not the root, on the path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# From the root, not as a sibling: gpu_check.py imports this file as benchmarks.sampling.
+from benchmarks.model_options import MODELS, add_width_options, width_overrides
 from pixel_models.sampling.generate import generate, uniform_noise
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -103,49 +105,26 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn", "pixelcnn_pp"],
-    )
+    parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument(
         "--naive-steps", type=int, default=28, help="sub-pixels the naive sampler is timed over"
     )
     parser.add_argument("--cached-rows", type=int, default=None, help="rows timed for cached (default: all)")
-    parser.add_argument(
-        "--cifar-hidden", type=int, default=None, help="h at CIFAR-10 shapes (default: MNIST's)"
-    )
-    parser.add_argument("--cifar-output", type=int, default=None, help="output maps at CIFAR-10 shapes")
-    parser.add_argument("--pp-filters", type=int, default=None, help="PixelCNN++ filters (default: config's)")
-    parser.add_argument("--pp-resnet", type=int, default=None, help="PixelCNN++ blocks per stage")
+    add_width_options(parser, hidden_default="MNIST's")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for shape in args.shapes:
         data = SHAPES[shape]
-        overrides = []
-        if data == "cifar10":
-            if args.cifar_hidden:
-                overrides.append(f"model.net.hidden={args.cifar_hidden}")
-            if args.cifar_output:
-                overrides.append(f"model.net.output_hidden={args.cifar_output}")
         for model in args.models:
             case = f"{model}/{shape}"
             if not (CONF / "model" / f"{model}.yaml").is_file():
                 print(json.dumps({"case": case, "skipped": f"no conf/model/{model}.yaml"}), flush=True)
                 continue
-            if model == "pixelcnn_pp":  # its net has no hidden / output_hidden
-                model_overrides = [o for o in overrides if not o.startswith("model.net.")]
-                if args.pp_filters:
-                    model_overrides.append(f"model.net.num_filters={args.pp_filters}")
-                if args.pp_resnet:
-                    model_overrides.append(f"model.net.num_resnet={args.pp_resnet}")
-            else:
-                model_overrides = overrides
-            module = build(model, data, model_overrides)
+            module = build(model, data, width_overrides(model, data, args))
             size, channels, num_levels = module.image_size, module.num_channels, module.num_levels
             for batch in args.batches:
                 noise = uniform_noise(batch, channels, size, size, seed=0)

@@ -37,6 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# A sibling of this script: the root stays off the path, so a worker imports only the code under --code.
+from model_options import MODELS, add_width_options, width_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"mnist_28x28x1_k2": "binarized_mnist", "cifar10_32x32x3_k256": "cifar10"}
 PAPER_CIFAR = {
@@ -182,32 +185,13 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def model_overrides(model: str, overrides: list[str], args) -> list[str]:
-    if model != "pixelcnn_pp":
-        return overrides
-    # PixelCNN++'s net has no hidden / output_hidden
-    own = [o for o in overrides if not o.startswith("model.net.")]
-    if args.pp_filters:
-        own.append(f"model.net.num_filters={args.pp_filters}")
-    if args.pp_resnet:
-        own.append(f"model.net.num_resnet={args.pp_resnet}")
-    return own
-
-
 def speed(args, codes: dict[str, str]) -> None:
     for shape, data in SHAPES.items():
-        overrides = []
-        if data == "cifar10" and args.cifar_hidden:
-            overrides.append(f"model.net.hidden={args.cifar_hidden}")
-        if data == "cifar10" and args.cifar_output:
-            overrides.append(f"model.net.output_hidden={args.cifar_output}")
         best: dict[tuple[str, str], dict] = {}
         for _ in range(args.rounds):  # alternate code versions and models, keep each case's fastest round
             for model in args.models:
                 for name, code in codes.items():
-                    r = run_worker(
-                        code, model, data, args.batch, model_overrides(model, overrides, args), args
-                    )
+                    r = run_worker(code, model, data, args.batch, width_overrides(model, data, args), args)
                     key = (name, model)
                     if key not in best or r["cpu_ms"] < best[key]["cpu_ms"]:
                         best[key] = r
@@ -273,11 +257,7 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=["pixelcnn", "row_lstm", "diag_bilstm", "gated_pixelcnn", "pixelcnn_pp"],
-    )
+    parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest counts")
@@ -285,12 +265,7 @@ def main():
     parser.add_argument("--baseline", metavar="REV", help="also time the code of this git revision")
     parser.add_argument("--memory", action="store_true", help="peak memory at the paper's CIFAR-10 sizes")
     parser.add_argument("--no-speed", action="store_true", help="skip the throughput cases")
-    parser.add_argument(
-        "--cifar-hidden", type=int, default=None, help="h at CIFAR-10 shapes (default: config's)"
-    )
-    parser.add_argument("--cifar-output", type=int, default=None, help="output maps at CIFAR-10 shapes")
-    parser.add_argument("--pp-filters", type=int, default=None, help="PixelCNN++ filters (default: config's)")
-    parser.add_argument("--pp-resnet", type=int, default=None, help="PixelCNN++ blocks per stage")
+    add_width_options(parser, hidden_default="config's")
     # Internal: one case in a fresh process.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
