@@ -262,6 +262,29 @@ def test_wrong_channel_count_and_an_unconditional_label_are_clear_errors(arch):
         net(torch.rand(2, 3, *sizes_of(arch)[0]), torch.tensor([0, 1]))
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SETTINGS))
+def test_torch_compile_traces_the_network_and_changes_no_value(arch):
+    """``compile=true`` must work for every network: dynamo and AOT autograd trace it (the "aot_eager"
+    backend runs the traced graphs without generating code, so this stays quick), and the logits and
+    every parameter's gradient equal the eager ones. Eval mode: dropout draws differ when traced."""
+    torch._dynamo.reset()
+    net = small_net(arch, "categorical", 3).double().eval()
+    x = torch.rand(2, 3, *sizes_of(arch)[0], dtype=torch.float64)
+
+    def logits_and_grads(module):
+        net.zero_grad(set_to_none=True)
+        out = module(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+    eager, eager_grads = logits_and_grads(net)
+    traced, traced_grads = logits_and_grads(torch.compile(net, backend="aot_eager", dynamic=False))
+    torch.testing.assert_close(traced, eager)
+    for g_traced, g_eager in zip(traced_grads, eager_grads, strict=True):
+        torch.testing.assert_close(g_traced, g_eager)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------------
 # A new architecture is one file plus a registry entry, then the contract checks it
 

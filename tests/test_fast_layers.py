@@ -192,3 +192,37 @@ def test_training_step_under_bf16_autocast_runs_and_stays_close_to_float32(arch)
     grads = [p.grad for p in net.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(out.float(), net(x), rtol=0.05, atol=0.05)
+
+
+def test_flop_counter_sees_every_product_of_the_recurrent_layers():
+    """The model summary's FLOPs (torch's FlopCounterMode) must count the recurrences' in-place products.
+    Expected: the layers' multiply-adds written out from their definitions, 2 FLOPs each: the kept taps of
+    every convolution over all pixels; state-to-state for every step after the first, over the cells
+    each step computes (the Row LSTM's whole rows; the Diagonal BiLSTM's on-image pixels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b, h, height, width = 2, 4, 5, 6
+    pixels = b * height * width
+    x = torch.rand(b, 2 * h, height, width)
+    row = RowLSTMLayer(h, 1, kernel_size=3)
+    expected_row = 2 * (
+        # input-to-state: the 2 of 3 taps the mask keeps, over each row and the pad column before it
+        # (its outputs are dropped, but computed), less the first row's pad
+        (height * (width + 1) - 1) * b * 2 * h * 4 * h * 2
+        + (height - 1) * width * b * 3 * h * 4 * h  # state-to-state: 3 taps on the row above
+        + pixels * h * 2 * h  # 1x1 output
+    )
+    diagonal = DiagonalBiLSTMLayer(h, 1)
+    expected_diagonal = 2 * (
+        pixels * 2 * h * 8 * h  # 1x1 input-to-state, both directions
+        + pixels * 1 * 4 * h  # the right-to-left direction's image input
+        + (pixels - b) * 2 * 2 * h * 4 * h  # 2 directions x 2 taps, every pixel but the first
+        + pixels * h * 2 * h  # 1x1 output
+    )
+    for layer, args, expected in (
+        (row, (x,), expected_row),
+        (diagonal, (x, torch.rand(b, 1, height, width)), expected_diagonal),
+    ):
+        with FlopCounterMode(display=False) as counter:
+            layer(*args)
+        assert counter.get_total_flops() == expected, type(layer).__name__

@@ -47,7 +47,7 @@ from pixel_models.blocks.layers import (
 )
 from pixel_models.blocks.lstm import LSTMGatesAtPixel
 from pixel_models.blocks.masks import MaskedConv2d
-from pixel_models.blocks.recurrence import DiagonalRecurrence
+from pixel_models.blocks.recurrence import diagonal_recurrence
 from pixel_models.distributions import build_distribution
 
 
@@ -125,7 +125,7 @@ class DiagonalBiLSTMLayer(nn.Module):
         h = self.hidden
         # (8h, h, 2) grouped weight -> per direction and tap (2, 4h, h): tap 0 the pixel above, 1 the left.
         weight = self.state_to_state.weight.view(2, 4 * h, h, 2)
-        hidden_l2r, hidden_r2l = DiagonalRecurrence.apply(
+        hidden_l2r, hidden_r2l = diagonal_recurrence(
             left_to_right, right_to_left.flip(-1), weight[..., 0], weight[..., 1]
         )
         return hidden_l2r, hidden_r2l.flip(-1)

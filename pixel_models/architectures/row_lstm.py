@@ -35,7 +35,7 @@ from pixel_models.blocks.layers import (
 )
 from pixel_models.blocks.lstm import LSTMGatesAtPixel
 from pixel_models.blocks.masks import MaskedConv2d
-from pixel_models.blocks.recurrence import RowInputToState, lstm_recurrence
+from pixel_models.blocks.recurrence import lstm_recurrence, row_input_to_state
 from pixel_models.distributions import build_distribution
 
 
@@ -63,13 +63,13 @@ class RowLSTMLayer(nn.Module):
         class bias of a conditional layer.
 
         Computed with the taps the mask keeps only (columns j - k//2 .. j; the taps right of the centre
-        are masked to zero and skipped), batch innermost in memory (``blocks.recurrence.RowInputToState``):
+        are masked to zero and skipped), batch innermost in memory (``blocks.recurrence.row_input_to_state``):
         the result is a (B, 4h, H, W) view of a (4h, H, W, B)-ordered buffer, the layout ``recurrence`` reads.
         """
         conv = self.input_to_state
         taps = conv.kernel_size[1] // 2 + 1
         weight = conv.masked_weight()[:, :, 0, :taps]  # (4h, 2h, taps)
-        gates = RowInputToState.apply(x, weight, conv.bias).permute(3, 0, 1, 2)
+        gates = row_input_to_state(x, weight, conv.bias).permute(3, 0, 1, 2)
         if self.class_bias is not None:  # (an elementwise op keeps the batch-innermost layout)
             gates = gates + self.class_bias(label)[:, :, None, None]
         return gates
