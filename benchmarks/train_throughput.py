@@ -14,7 +14,11 @@ inflates far less than wall-clock time.
 Shapes: binarized MNIST 28x28x1 K=2, and CIFAR-10 32x32x3 K=256 at the same reduced MNIST widths
 (--cifar-hidden / --cifar-output change them). PixelCNN++ runs at its own config
 (`conf/model/pixelcnn_pp.yaml`: 32 filters, 2 blocks per stage, 3 stages, logistic mixture of 10);
---pp-filters / --pp-resnet change it. Every speed case also reports ``saved_mb_per_image``, what
+--pp-filters / --pp-resnet change it. Every speed case also reports ``gflop_per_step`` (the
+step's convolutions and matrix products, counted by torch's FlopCounterMode, 2 FLOPs per multiply-add)
+and ``gflop_per_s`` (per CPU second), and the ``flop_ratio`` lines give the ratios the step times would
+have at equal speed per FLOP. ``--compile`` times ``net.compile()``d networks, as ``compile=true``
+(compiling takes a minute per case). Every speed case also reports ``saved_mb_per_image``, what
 autograd keeps for the backward pass per image (every tensor saved by a forward op, counted once per
 storage), the same on any device; on a GPU, ``cuda_peak_mb_per_image`` is the allocator's peak.
 `--memory`: peak training memory per image of the
@@ -85,6 +89,9 @@ def worker(args) -> None:
             result["retained_kib"] = (after_forward - heap) / 1024
     else:
         saved = saved_bytes_per_image(module, levels)
+        flops = training_step_flops(module, levels)
+        if args.compile:
+            module.net.compile()  # as train.py's compile=true; the warm-up steps below compile it
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
@@ -95,6 +102,9 @@ def worker(args) -> None:
         result["step_ms"] = (time.perf_counter() - wall) / args.steps * 1e3
         result["cpu_ms"] = (time.process_time() - cpu) / args.steps * 1e3
         result["saved_mb_per_image"] = round(saved / 2**20, 2)
+        result["gflop_per_step"] = round(flops / 1e9, 3)
+        result["gflop_per_s"] = round(flops / 1e9 / (result["cpu_ms"] / 1e3), 1)
+        result["compiled"] = args.compile
         if torch.cuda.is_available():
             result["cuda_peak_mb_per_image"] = round(
                 torch.cuda.max_memory_allocated() / 2**20 / args.batch, 2
@@ -104,6 +114,23 @@ def worker(args) -> None:
         result["net"] = {k: v for k, v in net.items() if k != "arch"}
         result["output"] = module.hparams.output["name"]
     print(json.dumps(result), flush=True)
+
+
+def training_step_flops(module, levels) -> int:
+    """FLOPs of one training step's forward and backward pass: every convolution and matrix product, as
+    torch's FlopCounterMode counts them (2 per multiply-add), including the in-place products of the
+    recurrences, registered here too so that a --baseline revision without the registration counts alike."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
+
+    aten = torch.ops.aten
+    for in_place, counted in ((aten.addmm_, aten.addmm), (aten.baddbmm_, aten.baddbmm)):
+        if in_place not in flop_registry:
+            register_flop_formula(in_place, get_raw=True)(flop_registry[counted])
+    with FlopCounterMode(display=False) as counter:
+        module.nll(levels).mean().backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def saved_bytes_per_image(module, levels) -> float:
@@ -162,6 +189,7 @@ def run_worker(code: str, model: str, data: str, batch: int, overrides: list[str
     command = [sys.executable, __file__, "--worker", "--code", code, "--model", model, "--data", data]
     command += ["--batch", str(batch), "--steps", str(args.steps), "--threads", str(args.threads)]
     command += ["--measure", measure, *[f"--override={o}" for o in overrides]]
+    command += ["--compile"] if args.compile else []
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"benchmark case {model}/{data} ({code}) failed:\n{out.stderr[-3000:]}")
@@ -206,7 +234,17 @@ def speed(args, codes: dict[str, str]) -> None:
                     "images_per_s": round(args.batch / r["cpu_ms"] * 1e3, 1),
                     "threads": r["threads"],
                     "rounds": args.rounds,
-                    **{k: r[k] for k in ("saved_mb_per_image", "cuda_peak_mb_per_image") if k in r},
+                    **{
+                        k: r[k]
+                        for k in (
+                            "gflop_per_step",
+                            "gflop_per_s",
+                            "compiled",
+                            "saved_mb_per_image",
+                            "cuda_peak_mb_per_image",
+                        )
+                        if k in r
+                    },
                     **{k: r.get(k) for k in ("hidden", "layers", "net", "output")},
                 }
             )
@@ -218,6 +256,15 @@ def speed(args, codes: dict[str, str]) -> None:
             if "row_lstm" in cpu and "diag_bilstm" in cpu:
                 ratios["diag_bilstm/row_lstm"] = round(cpu["diag_bilstm"] / cpu["row_lstm"], 2)
             emit({"case": f"step_time_ratio/{shape}", "code": name, **ratios})
+            flops = {m: best[(name, m)]["gflop_per_step"] for m in args.models}
+            if "pixelcnn" in flops:  # what the ratios would be at equal speed per FLOP
+                emit(
+                    {
+                        "case": f"flop_ratio/{shape}",
+                        "code": name,
+                        **{f"{m}/pixelcnn": round(f / flops["pixelcnn"], 2) for m, f in flops.items()},
+                    }
+                )
         if "baseline" in codes:
             emit(
                 {
@@ -265,6 +312,9 @@ def main():
     parser.add_argument("--baseline", metavar="REV", help="also time the code of this git revision")
     parser.add_argument("--memory", action="store_true", help="peak memory at the paper's CIFAR-10 sizes")
     parser.add_argument("--no-speed", action="store_true", help="skip the throughput cases")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every network, as compile=true (slow to start)"
+    )
     add_width_options(parser, hidden_default="config's")
     # Internal: one case in a fresh process.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
