@@ -156,27 +156,34 @@ class _AllCells:
 def run_backward(grad_h, gates, cell, tanh_cell, hidden, weights, offsets, pad, batch, active=None):
     """Backward through time. ``grad_h`` (D, h, T, line): the loss's gradient with respect to each h_t
     from outside the recurrence, in the hidden buffer's layout without slot 0; it is accumulated into
-    in place. Returns the gradients of the gates' input (D, 4h, T, N) and of each tap's weight."""
+    in place. Returns the gradients of the gates' input (D, 4h, T, N) and of each tap's weight.
+
+    Every factor that does not depend on the incoming gradient (the gates' local derivatives) is computed
+    for all steps at once before the loop (``local_derivatives``), so a step is its tap products and five
+    elementwise operations.
+    """
     num_dirs, four_h, steps, cells = gates.shape
     h = four_h // 4
     first = pad[0] * batch
     # Outside the active cells the gate gradients stay zero, so the weight gradients below may sum
     # over all cells.
     grad_gates = torch.empty_like(gates) if active is None else torch.zeros_like(gates)
+    factors, cell_from_h = local_derivatives(gates, cell, tanh_cell)
     dh_at = grad_h[:, :, :, first : first + cells].unbind(2)
     taps_at = [
         (w.transpose(1, 2), grad_h[:, :, :, o * batch : o * batch + cells].unbind(2))
         for w, o in zip(weights, offsets, strict=True)
     ]
     grad_at = grad_gates.unbind(2)
-    grad_chunks_at = [step.split(h, 1) for step in grad_at]
-    grad_if_at = grad_gates[:, : 2 * h].unflatten(1, (2, h)).unbind(3)  # (D, 2, h, N) per step
-    chunks_at = [step.split(h, 1) for step in gates.unbind(2)]
-    if_at = gates[:, : 2 * h].unbind(2)
-    cell_at = cell.unbind(2)
-    tanh_at = tanh_cell.unbind(2)
-    one = gates.new_ones(())
-    scratch = gates.new_empty(num_dirs, h, cells)
+    # (D, 2, h, N) per step: the input and forget gates, both driven by dL/dc
+    grad_if_at = grad_gates[:, : 2 * h].unflatten(1, (2, h)).unbind(3)
+    grad_o_at = grad_gates[:, 2 * h : 3 * h].unbind(2)
+    grad_g_at = grad_gates[:, 3 * h :].unbind(2)
+    factor_if_at = factors[:, : 2 * h].unflatten(1, (2, h)).unbind(3)
+    factor_o_at = factors[:, 2 * h : 3 * h].unbind(2)
+    factor_g_at = factors[:, 3 * h :].unbind(2)
+    cell_from_h_at = cell_from_h.unbind(2)
+    forget_at = gates[:, h : 2 * h].unbind(2)
     grad_c = gates.new_empty(num_dirs, h, cells)
     grad_c_pair = grad_c[:, None]
     carry = gates.new_zeros(num_dirs, h, cells)  # dL/dc_t from step t + 1: dc_{t+1} . f_{t+1}
@@ -189,27 +196,12 @@ def run_backward(grad_h, gates, cell, tanh_cell, hidden, weights, offsets, pad, 
             for weight_t, below in taps_at:
                 below[t][..., a1:b1].baddbmm_(weight_t, upstream)
         dh = dh_at[t][..., a:b]
-        i, f, o, g = (chunk[..., a:b] for chunk in chunks_at[t])
-        tc = tanh_at[t][..., a:b]
-        dg_i, dg_f, dg_o, dg_g = (chunk[..., a:b] for chunk in grad_chunks_at[t])
-        dc, tmp, after = grad_c[..., a:b], scratch[..., a:b], carry[..., a:b]
-        # dc = dh . o . (1 - tanh(c)^2) + carry
-        torch.addcmul(one, tc, tc, value=-1, out=tmp)
-        tmp.mul_(o)
-        torch.addcmul(after, dh, tmp, out=dc)
-        # do = dh . tanh(c) . o (1 - o)
-        torch.addcmul(o, o, o, value=-1, out=dg_o)
-        dg_o.mul_(tc).mul_(dh)
-        # di = dc . g . i (1 - i),  df = dc . c_{t-1} . f (1 - f)
-        i_f = if_at[t][..., a:b]
-        torch.addcmul(i_f, i_f, i_f, value=-1, out=grad_at[t][:, : 2 * h, a:b])
-        dg_i.mul_(g)
-        dg_f.mul_(cell_at[t][..., a:b])
-        grad_if_at[t][..., a:b].mul_(grad_c_pair[..., a:b])
-        # dg = dc . i . (1 - g^2)
-        torch.addcmul(one, g, g, value=-1, out=dg_g)
-        dg_g.mul_(i).mul_(dc)
-        torch.mul(dc, f, out=after)
+        dc, after = grad_c[..., a:b], carry[..., a:b]
+        torch.addcmul(after, dh, cell_from_h_at[t][..., a:b], out=dc)
+        torch.mul(factor_if_at[t][..., a:b], grad_c_pair[..., a:b], out=grad_if_at[t][..., a:b])
+        torch.mul(factor_o_at[t][..., a:b], dh, out=grad_o_at[t][..., a:b])
+        torch.mul(factor_g_at[t][..., a:b], dc, out=grad_g_at[t][..., a:b])
+        torch.mul(dc, forget_at[t][..., a:b], out=after)
     # State-to-state weights: every step's gate gradient against the hidden line it read, at once.
     flat_grad = grad_gates.view(num_dirs, four_h, steps * cells)
     weight_grads = []
@@ -218,6 +210,29 @@ def run_backward(grad_h, gates, cell, tanh_cell, hidden, weights, offsets, pad, 
         read = hidden[:, :, :steps, start : start + cells].reshape(num_dirs, h, steps * cells)
         weight_grads.append(torch.bmm(flat_grad, read.transpose(1, 2)))
     return grad_gates, weight_grads
+
+
+def local_derivatives(gates, cell, tanh_cell) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors backward-through-time multiplies the incoming gradients by, for every step at once.
+
+    With gates [i, f, o, g] after their nonlinearities, c_t = f c_{t-1} + i g and h_t = o tanh(c_t):
+    ``factors`` (D, 4h, T, N) holds d(pre-activation) per unit of dL/dc for i (g i (1 - i)), f
+    (c_{t-1} f (1 - f)) and g (i (1 - g^2)), and per unit of dL/dh for o (tanh(c_t) o (1 - o));
+    ``cell_from_h`` (D, h, T, N) is dc_t/dh_t's factor o (1 - tanh(c_t)^2).
+    """
+    h = gates.shape[1] // 4
+    i, f, o, g = gates.split(h, 1)
+    one = gates.new_ones(())
+    factors = torch.empty_like(gates)
+    sigmoids = gates[:, : 3 * h]
+    torch.addcmul(sigmoids, sigmoids, sigmoids, value=-1, out=factors[:, : 3 * h])  # s (1 - s)
+    factor_i, factor_f, factor_o, factor_g = factors.split(h, 1)
+    factor_i.mul_(g)
+    factor_f.mul_(cell[:, :, :-1])
+    factor_o.mul_(tanh_cell)
+    torch.addcmul(one, g, g, value=-1, out=factor_g).mul_(i)
+    cell_from_h = torch.addcmul(one, tanh_cell, tanh_cell, value=-1).mul_(o)
+    return factors, cell_from_h
 
 
 # torch.compile runs the three entry points below eagerly, as calls between compiled pieces: tracing
@@ -252,8 +267,8 @@ def _skewed(steps: torch.Tensor, direction: int, rows: int, cols: int, batch: in
 def _diagonals(rows: int, cols: int, batch: int) -> list[tuple[int, int]]:
     """The cells of each step on the image: diagonal d covers rows max(0, d - m + 1) .. min(n - 1, d).
 
-    Off-image cells have zero input and zero state around them, so their state stays exactly zero:
-    skipping them halves the work and changes nothing.
+    In the plain skewed recurrence off-image cells have zero input and zero state around them, so their
+    state stays exactly zero: skipping them halves the work and changes nothing.
     """
     return [(max(0, d - cols + 1) * batch, (min(rows - 1, d) + 1) * batch) for d in range(rows + cols - 1)]
 
@@ -267,8 +282,8 @@ class DiagonalRecurrence(torch.autograd.Function):
     direction's own map). Returns the hidden maps (B, h, n, m) of both, the second still mirrored.
 
     Skewing is a strided copy into the step buffer (2, 4h, n + m - 1, n, B): step d holds diagonal d,
-    position r its pixel of row r; off-image cells stay at zero input, so their state stays exactly
-    zero, as in the plain skewed recurrence.
+    position r its pixel of row r; off-image cells are never computed (their state stays exactly zero,
+    as in the plain skewed recurrence with zero input there).
     """
 
     @staticmethod
@@ -276,7 +291,9 @@ class DiagonalRecurrence(torch.autograd.Function):
         b, four_h, n, m = gates_l2r.shape
         dtype = _compute_dtype(gates_l2r, (gates_r2l, above, left))
         with _no_autocast(gates_l2r):
-            steps = gates_l2r.new_zeros(2, four_h, n + m - 1, n, b, dtype=dtype)
+            # Off-image cells are left unwritten: no step computes or reads them (``_diagonals``), and
+            # their state, in the zeroed hidden and cell buffers, stays exactly zero.
+            steps = gates_l2r.new_empty(2, four_h, n + m - 1, n, b, dtype=dtype)
             for direction, source in enumerate((gates_l2r, gates_r2l)):
                 _skewed(steps, direction, n, m, b).copy_(source.permute(1, 2, 3, 0))
             gates = steps.view(2, four_h, n + m - 1, n * b)
