@@ -97,48 +97,34 @@ class DiagonalBiLSTMLayer(nn.Module):
         self.output = MaskedConv2d(hidden, 2 * hidden, 1, "B", num_colors)
         self.class_bias = class_bias(num_classes, 8 * hidden)  # both directions' gates
 
-    def gates_in(
-        self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input-to-state gates (B, 4h, H, W) of the left-to-right and the right-to-left direction.
-
-        ``x``: the layer input (B, 2h, H, W); ``image``: the network's input (B, C, H, W), read by the
-        right-to-left direction only (see the module docstring); ``label``: class indices (B,) of a
-        conditional network.
-        """
-        h = self.hidden
-        gates = self.input_to_state(x)
-        if self.class_bias is not None:
-            gates = gates + self.class_bias(label)[:, :, None, None]
-        return gates[:, : 4 * h], gates[:, 4 * h :] + self.image_to_state(image)
-
-    def recurrence(
-        self, left_to_right: torch.Tensor, right_to_left: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden maps (B, h, H, W) of both directions, unshifted, from their input-to-state gates.
-
-        The right-to-left LSTM is the left-to-right recurrence on the mirrored map; both run in the same
-        steps, one diagonal per step, as one autograd node (``blocks.recurrence.DiagonalRecurrence``).
-        Skewing after the 1x1 convolution keeps the off-image cells at exactly zero gate input, so the
-        state entering each row from the left is exactly zero.
-        """
-        h = self.hidden
-        # (8h, h, 2) grouped weight -> per direction and tap (2, 4h, h): tap 0 the pixel above, 1 the left.
-        weight = self.state_to_state.weight.view(2, 4 * h, h, 2)
-        hidden_l2r, hidden_r2l = diagonal_recurrence(
-            left_to_right, right_to_left.flip(-1), weight[..., 0], weight[..., 1]
-        )
-        return hidden_l2r, hidden_r2l.flip(-1)
-
     def hidden_states(
         self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden maps (B, h, H, W) of the left-to-right and right-to-left directions, unshifted.
 
-        ``x``: the layer input (B, 2h, H, W); ``image``: the network's input (B, C, H, W); ``label``: class
-        indices (B,) of a conditional network.
+        ``x``: the layer input (B, 2h, H, W); ``image``: the network's input (B, C, H, W), read by the
+        right-to-left direction only (see the module docstring); ``label``: class indices (B,) of a
+        conditional network.
+
+        The input-to-state convolutions (1x1: they commute with skewing and mirroring), the class bias
+        and the right-to-left LSTM, which is the left-to-right recurrence on the mirrored map, all run in
+        one autograd node with the recurrences (``blocks.recurrence.DiagonalRecurrence``), one diagonal
+        per step. The state entering each row from the left is exactly zero.
         """
-        return self.recurrence(*self.gates_in(x, image, label))
+        h = self.hidden
+        # (8h, h, 2) grouped weight -> per direction and tap (2, 4h, h): tap 0 the pixel above, 1 the left.
+        taps = self.state_to_state.weight.view(2, 4 * h, h, 2)
+        hidden_l2r, hidden_r2l = diagonal_recurrence(
+            x,
+            image,
+            self.input_to_state.masked_weight().flatten(1),
+            self.input_to_state.bias,
+            self.image_to_state.weight.flatten(1),
+            None if self.class_bias is None else self.class_bias(label),
+            taps[..., 0],
+            taps[..., 1],
+        )
+        return hidden_l2r, hidden_r2l.flip(-1)
 
     # Set by the network's ``checkpoint_recurrence``: recompute this layer in the backward pass instead
     # of keeping its activations (gates, cell states: several times its input) from the forward pass.

@@ -274,41 +274,65 @@ def _diagonals(rows: int, cols: int, batch: int) -> list[tuple[int, int]]:
 
 
 class DiagonalRecurrence(torch.autograd.Function):
-    """Both directions of a Diagonal BiLSTM layer over the skewed map, as one autograd node.
+    """A Diagonal BiLSTM layer's input-to-state products and both directions' recurrences, as one node.
 
-    ``left_to_right, right_to_left = DiagonalRecurrence.apply(gates_l2r, gates_r2l_mirrored, above,
-    left)``: input-to-state gates (B, 4h, n, m) of each direction (the right-to-left one on the
-    mirrored map), tap weights (2, 4h, h) for the pixel above and the pixel to the left (of each
-    direction's own map). Returns the hidden maps (B, h, n, m) of both, the second still mirrored.
+    ``left_to_right, right_to_left = DiagonalRecurrence.apply(x, image, weight, bias, image_weight,
+    class_bias, above, left)``: the layer input x (B, F, n, m) and the network's input image (B, C, n, m);
+    the masked 1x1 input-to-state weight (8h, F) (rows: left-to-right gates, then right-to-left) and its
+    bias (8h,); the right-to-left direction's image weight (4h, C); a per-image gate bias (B, 8h) or None;
+    tap weights (2, 4h, h) for the pixel above and the pixel to the left (of each direction's own map).
+    Returns both directions' hidden maps (B, h, n, m), the right-to-left one on the mirrored map.
 
-    Skewing is a strided copy into the step buffer (2, 4h, n + m - 1, n, B): step d holds diagonal d,
-    position r its pixel of row r; off-image cells are never computed (their state stays exactly zero,
-    as in the plain skewed recurrence with zero input there).
+    The 1x1 products run here, batch innermost, so that the gates come out in the order skewing reads:
+    x is copied once to (F, n, m, B) and once mirrored (the right-to-left direction runs on the mirrored
+    map), each direction's gates are one matrix product (4h, F) @ (F, n m B), and skewing copies runs of
+    B values into the step buffer (2, 4h, n + m - 1, n, B): step d holds diagonal d, position r its pixel
+    of row r; off-image cells are never computed (their state stays exactly zero, as in the plain skewed
+    recurrence with zero input there).
     """
 
     @staticmethod
-    def forward(ctx, gates_l2r, gates_r2l, above, left):
-        b, four_h, n, m = gates_l2r.shape
-        dtype = _compute_dtype(gates_l2r, (gates_r2l, above, left))
-        with _no_autocast(gates_l2r):
-            # Off-image cells are left unwritten: no step computes or reads them (``_diagonals``), and
-            # their state, in the zeroed hidden and cell buffers, stays exactly zero.
-            steps = gates_l2r.new_empty(2, four_h, n + m - 1, n, b, dtype=dtype)
-            for direction, source in enumerate((gates_l2r, gates_r2l)):
-                _skewed(steps, direction, n, m, b).copy_(source.permute(1, 2, 3, 0))
+    def forward(ctx, x, image, weight, bias, image_weight, class_bias, above, left):
+        b, features, n, m = x.shape
+        four_h = weight.shape[0] // 2
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, image, weight, bias, image_weight)]
+        ctx.dtypes += [None if class_bias is None else class_bias.dtype, above.dtype, left.dtype]
+        device = x.device.type
+        # Under autocast the products run as autocast runs a convolution (in its lower precision), the
+        # recurrence at the tap weights' precision (``_compute_dtype``).
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = _compute_dtype(x.new_empty(0, dtype=low), (above, left))
+        with _no_autocast(x):
+            weight, bias, image_weight = weight.to(low), bias.to(low), image_weight.to(low)
+            x_t = x.to(low).permute(1, 2, 3, 0).contiguous()  # (F, n, m, B)
+            image_mirrored = image.to(low).flip(3).permute(1, 2, 3, 0).contiguous()  # (C, n, m, B)
+            left_to_right = torch.addmm(bias[:four_h, None], weight[:four_h], x_t.view(features, -1))
+            right_to_left = torch.addmm(
+                bias[four_h:, None], weight[four_h:], x_t.flip(2).view(features, -1)
+            ).addmm_(image_weight, image_mirrored.view(len(image_mirrored), -1))
+            if class_bias is not None:
+                per_image = class_bias.to(low).t()[:, None]  # (8h, 1, B)
+                left_to_right.view(four_h, -1, b).add_(per_image[:four_h])
+                right_to_left.view(four_h, -1, b).add_(per_image[four_h:])
+            steps = x.new_empty(2, four_h, n + m - 1, n, b, dtype=dtype)
+            for direction, gates_in in enumerate((left_to_right, right_to_left)):
+                _skewed(steps, direction, n, m, b).copy_(gates_in.view(four_h, n, m, b))
             gates = steps.view(2, four_h, n + m - 1, n * b)
-            weights = (above.to(dtype), left.to(dtype))
-            hidden, cell, tanh_cell = run_forward(gates, weights, (0, 1), (1, 0), b, _diagonals(n, m, b))
-        ctx.save_for_backward(gates, cell, tanh_cell, hidden, *weights)
-        ctx.dtypes = (gates_l2r.dtype, gates_r2l.dtype, above.dtype, left.dtype)
+            taps = (above.to(dtype), left.to(dtype))
+            hidden, cell, tanh_cell = run_forward(gates, taps, (0, 1), (1, 0), b, _diagonals(n, m, b))
+        ctx.save_for_backward(
+            gates, cell, tanh_cell, hidden, *taps, x_t, image_mirrored, weight, image_weight
+        )
         view = hidden.view(2, four_h // 4, n + m, n + 1, b)
         return tuple(_skewed(view, d, n, m, b).permute(3, 0, 1, 2) for d in range(2))
 
     @staticmethod
     def backward(ctx, grad_l2r, grad_r2l):
-        gates, cell, tanh_cell, hidden, above, left = ctx.saved_tensors
-        b, h = grad_l2r.shape[0], grad_l2r.shape[1]
-        n, m = grad_l2r.shape[2:]
+        gates, cell, tanh_cell, hidden, above, left, x_t, image_mirrored, weight, image_weight = (
+            ctx.saved_tensors
+        )
+        b, h, n, m = grad_l2r.shape
+        four_h, features, colors = 4 * h, len(x_t), len(image_mirrored)
         with _no_autocast(gates):
             grad_h = gates.new_zeros(2, h, n + m, n + 1, b)
             for direction, grad in enumerate((grad_l2r, grad_r2l)):
@@ -317,16 +341,38 @@ class DiagonalRecurrence(torch.autograd.Function):
             grad_gates, (grad_above, grad_left) = run_backward(
                 grad_h, gates, cell, tanh_cell, hidden, (above, left), (0, 1), (1, 0), b, _diagonals(n, m, b)
             )
-        grad_steps = grad_gates.view(2, 4 * h, n + m - 1, n, b)
-        grads = [_skewed(grad_steps, d, n, m, b).permute(3, 0, 1, 2) for d in range(2)]
-        grads += [grad_above, grad_left]
-        return tuple(g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
+            # Each direction's gate gradients back in the products' layout (4h, n m B) and precision.
+            grad_steps = grad_gates.view(2, four_h, n + m - 1, n, b)
+            grad_l2r_gates, grad_r2l_gates = (
+                x_t.new_empty(four_h, n, m, b).copy_(_skewed(grad_steps, d, n, m, b)).view(four_h, -1)
+                for d in range(2)
+            )
+            flat, mirrored = x_t.view(features, -1), x_t.flip(2).view(features, -1)
+            grad_weight = torch.cat([grad_l2r_gates @ flat.t(), grad_r2l_gates @ mirrored.t()])
+            grad_bias = torch.cat([grad_l2r_gates.sum(1), grad_r2l_gates.sum(1)])
+            grad_image_weight = grad_r2l_gates @ image_mirrored.view(colors, -1).t()
+            grad_class_bias = grad_x = grad_image = None
+            if ctx.needs_input_grad[5]:
+                per_image = [g.view(four_h, -1, b).sum(1) for g in (grad_l2r_gates, grad_r2l_gates)]
+                grad_class_bias = torch.cat(per_image).t()
+            if ctx.needs_input_grad[0]:
+                grad_x_t = (weight[:four_h].t() @ grad_l2r_gates).view(features, n, m, b)
+                grad_x_t += (weight[four_h:].t() @ grad_r2l_gates).view(features, n, m, b).flip(2)
+                grad_x = grad_x_t.permute(3, 0, 1, 2)
+            if ctx.needs_input_grad[1]:
+                grad_image = (image_weight.t() @ grad_r2l_gates).view(colors, n, m, b).flip(2)
+                grad_image = grad_image.permute(3, 0, 1, 2)
+        grads = (grad_x, grad_image, grad_weight, grad_bias, grad_image_weight, grad_class_bias)
+        grads += (grad_above, grad_left)
+        return tuple(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
 
 
 @torch.compiler.disable
-def diagonal_recurrence(gates_l2r, gates_r2l, above, left) -> tuple[torch.Tensor, torch.Tensor]:
+def diagonal_recurrence(
+    x, image, weight, bias, image_weight, class_bias, above, left
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Both directions' hidden maps (B, h, n, m) of a Diagonal BiLSTM layer: ``DiagonalRecurrence``."""
-    return DiagonalRecurrence.apply(gates_l2r, gates_r2l, above, left)
+    return DiagonalRecurrence.apply(x, image, weight, bias, image_weight, class_bias, above, left)
 
 
 @torch.compiler.disable
