@@ -37,7 +37,8 @@ def train_conditional(tmp_path, arch: str, *overrides: str):
         "trainer.accelerator=cpu",
         "callbacks.progress_bar=null",
         "debug=fast",
-        "model.net.hidden=8",
+        # PixelCNN++ has filters, not a hidden width
+        "model.net.num_filters=8" if arch == "pixelcnn_pp" else "model.net.hidden=8",
         "model.conditional=true",
         "model.label_dropout=0.2",
         *overrides,
