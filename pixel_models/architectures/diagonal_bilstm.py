@@ -97,35 +97,6 @@ class DiagonalBiLSTMLayer(nn.Module):
         self.output = MaskedConv2d(hidden, 2 * hidden, 1, "B", num_colors)
         self.class_bias = class_bias(num_classes, 8 * hidden)  # both directions' gates
 
-    def hidden_states(
-        self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden maps (B, h, H, W) of the left-to-right and right-to-left directions, unshifted.
-
-        ``x``: the layer input (B, 2h, H, W); ``image``: the network's input (B, C, H, W), read by the
-        right-to-left direction only (see the module docstring); ``label``: class indices (B,) of a
-        conditional network.
-
-        The input-to-state convolutions (1x1: they commute with skewing and mirroring), the class bias
-        and the right-to-left LSTM, which is the left-to-right recurrence on the mirrored map, all run in
-        one autograd node with the recurrences (``blocks.recurrence.DiagonalRecurrence``), one diagonal
-        per step. The state entering each row from the left is exactly zero.
-        """
-        h = self.hidden
-        # (8h, h, 2) grouped weight -> per direction and tap (2, 4h, h): tap 0 the pixel above, 1 the left.
-        taps = self.state_to_state.weight.view(2, 4 * h, h, 2)
-        hidden_l2r, hidden_r2l = diagonal_recurrence(
-            x,
-            image,
-            self.input_to_state.masked_weight().flatten(1),
-            self.input_to_state.bias,
-            self.image_to_state.weight.flatten(1),
-            None if self.class_bias is None else self.class_bias(label),
-            taps[..., 0],
-            taps[..., 1],
-        )
-        return hidden_l2r, hidden_r2l.flip(-1)
-
     # Set by the network's ``checkpoint_recurrence``: recompute this layer in the backward pass instead
     # of keeping its activations (gates, cell states: several times its input) from the forward pass.
     recompute_in_backward = False
@@ -140,11 +111,33 @@ class DiagonalBiLSTMLayer(nn.Module):
     def compute(
         self, x: torch.Tensor, image: torch.Tensor, label: torch.Tensor | None = None
     ) -> torch.Tensor:
-        left_to_right, right_to_left = self.hidden_states(x, image, label)
-        # One row down: the right-to-left state of row i-1 covers rows <= i-1 only, so no pixel sees
-        # its own row to the right, nor itself.
-        shifted = F.pad(right_to_left[:, :, :-1], (0, 0, 1, 0))
-        return self.output(left_to_right + shifted)
+        """The layer's output (B, 2h, H, W): ``output(left_to_right + right_to_left moved one row down)``.
+
+        ``x``: the layer input (B, 2h, H, W); ``image``: the network's input (B, C, H, W), read by the
+        right-to-left direction only (see the module docstring); ``label``: class indices (B,) of a
+        conditional network. The right-to-left state of row i-1 covers rows <= i-1 only, so after the
+        move no pixel sees its own row to the right, nor itself.
+
+        The input-to-state convolutions (1x1: they commute with skewing and mirroring), the class bias,
+        both LSTMs (the right-to-left one is the left-to-right recurrence on the mirrored map), the move
+        and the output convolution run as one autograd node (``blocks.recurrence.DiagonalRecurrence``),
+        one diagonal per step. The state entering each row from the left is exactly zero.
+        """
+        h = self.hidden
+        # (8h, h, 2) grouped weight -> per direction and tap (2, 4h, h): tap 0 the pixel above, 1 the left.
+        taps = self.state_to_state.weight.view(2, 4 * h, h, 2)
+        return diagonal_recurrence(
+            x,
+            image,
+            self.input_to_state.masked_weight().flatten(1),
+            self.input_to_state.bias,
+            self.image_to_state.weight.flatten(1),
+            None if self.class_bias is None else self.class_bias(label),
+            taps[..., 0],
+            taps[..., 1],
+            self.output.masked_weight().flatten(1),
+            self.output.bias,
+        )
 
 
 class DiagonalBiLSTM(nn.Module):
@@ -188,6 +181,9 @@ class DiagonalBiLSTM(nn.Module):
         """Images (B, C, H, W) in [0, 1] -> the distribution's parameters (B, P, H, W). ``condition``: maps
         (B, 2h, H, W) added to the first layer's output and to each layer's input (Multi-Scale PixelRNN)."""
         h, index, condition = stack_input(self, x, label, condition)
+        # The stack's maps batch innermost, the layout its layers compute in (``DiagonalRecurrence``): the
+        # residual and skip additions then add like-laid-out maps, and no layer copies its input again.
+        h = h.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
         return self.output(self.stack(h, x, index, condition=condition))
 
     def cached_stepper(

@@ -274,29 +274,33 @@ def _diagonals(rows: int, cols: int, batch: int) -> list[tuple[int, int]]:
 
 
 class DiagonalRecurrence(torch.autograd.Function):
-    """A Diagonal BiLSTM layer's input-to-state products and both directions' recurrences, as one node.
+    """A whole Diagonal BiLSTM layer as one autograd node: its 1x1 input-to-state products, both
+    directions' recurrences, and the 1x1 output convolution of their sum.
 
-    ``left_to_right, right_to_left = DiagonalRecurrence.apply(x, image, weight, bias, image_weight,
-    class_bias, above, left)``: the layer input x (B, F, n, m) and the network's input image (B, C, n, m);
+    ``out = DiagonalRecurrence.apply(x, image, weight, bias, image_weight, class_bias, above, left,
+    out_weight, out_bias)``: the layer input x (B, F, n, m) and the network's input image (B, C, n, m);
     the masked 1x1 input-to-state weight (8h, F) (rows: left-to-right gates, then right-to-left) and its
     bias (8h,); the right-to-left direction's image weight (4h, C); a per-image gate bias (B, 8h) or None;
-    tap weights (2, 4h, h) for the pixel above and the pixel to the left (of each direction's own map).
-    Returns both directions' hidden maps (B, h, n, m), the right-to-left one on the mirrored map.
+    tap weights (2, 4h, h) for the pixel above and the pixel to the left (of each direction's own map);
+    the masked 1x1 output weight (F_out, h) and bias (F_out,). Returns the layer's output (B, F_out, n, m):
+    the output convolution of the left-to-right hidden maps plus the right-to-left ones moved one row
+    down (``DiagonalBiLSTMLayer.compute`` says why).
 
-    The 1x1 products run here, batch innermost, so that the gates come out in the order skewing reads:
-    x is copied once to (F, n, m, B) and once mirrored (the right-to-left direction runs on the mirrored
-    map), each direction's gates are one matrix product (4h, F) @ (F, n m B), and skewing copies runs of
-    B values into the step buffer (2, 4h, n + m - 1, n, B): step d holds diagonal d, position r its pixel
-    of row r; off-image cells are never computed (their state stays exactly zero, as in the plain skewed
-    recurrence with zero input there).
+    The products run here with the batch innermost, so that every copy moves runs of B values: x is
+    copied once to (F, n, m, B) and read once mirrored (the right-to-left direction runs on the mirrored
+    map), each direction's gates are one matrix product (4h, F) @ (F, n m B), skewing copies them into
+    the step buffer (2, 4h, n + m - 1, n, B) (step d holds diagonal d, position r its pixel of row r;
+    off-image cells are never computed: their state stays exactly zero, as in the plain skewed recurrence
+    with zero input there), and unskewing gathers both directions' hidden maps into one (h, n, m, B) sum
+    for the output product. The output is a (B, F_out, n, m) view of that (F_out, n, m, B) product.
     """
 
     @staticmethod
-    def forward(ctx, x, image, weight, bias, image_weight, class_bias, above, left):
+    def forward(ctx, x, image, weight, bias, image_weight, class_bias, above, left, out_weight, out_bias):
         b, features, n, m = x.shape
         four_h = weight.shape[0] // 2
-        ctx.dtypes = [None if t is None else t.dtype for t in (x, image, weight, bias, image_weight)]
-        ctx.dtypes += [None if class_bias is None else class_bias.dtype, above.dtype, left.dtype]
+        inputs = (x, image, weight, bias, image_weight, class_bias, above, left, out_weight, out_bias)
+        ctx.dtypes = [None if t is None else t.dtype for t in inputs]
         device = x.device.type
         # Under autocast the products run as autocast runs a convolution (in its lower precision), the
         # recurrence at the tap weights' precision (``_compute_dtype``).
@@ -304,6 +308,7 @@ class DiagonalRecurrence(torch.autograd.Function):
         dtype = _compute_dtype(x.new_empty(0, dtype=low), (above, left))
         with _no_autocast(x):
             weight, bias, image_weight = weight.to(low), bias.to(low), image_weight.to(low)
+            out_weight, out_bias = out_weight.to(low), out_bias.to(low)
             x_t = x.to(low).permute(1, 2, 3, 0).contiguous()  # (F, n, m, B)
             image_mirrored = image.to(low).flip(3).permute(1, 2, 3, 0).contiguous()  # (C, n, m, B)
             left_to_right = torch.addmm(bias[:four_h, None], weight[:four_h], x_t.view(features, -1))
@@ -320,23 +325,33 @@ class DiagonalRecurrence(torch.autograd.Function):
             gates = steps.view(2, four_h, n + m - 1, n * b)
             taps = (above.to(dtype), left.to(dtype))
             hidden, cell, tanh_cell = run_forward(gates, taps, (0, 1), (1, 0), b, _diagonals(n, m, b))
-        ctx.save_for_backward(
-            gates, cell, tanh_cell, hidden, *taps, x_t, image_mirrored, weight, image_weight
-        )
-        view = hidden.view(2, four_h // 4, n + m, n + 1, b)
-        return tuple(_skewed(view, d, n, m, b).permute(3, 0, 1, 2) for d in range(2))
+            h = four_h // 4
+            view = hidden.view(2, h, n + m, n + 1, b)
+            summed = hidden.new_empty(h, n, m, b).copy_(_skewed(view, 0, n, m, b))
+            # The right-to-left maps back in image order, one row down.
+            summed[:, 1:] += _skewed(view, 1, n, m, b).flip(2)[:, :-1]
+            summed = summed.view(h, -1).to(low)
+            out = torch.addmm(out_bias[:, None], out_weight, summed)
+        saved = (gates, cell, tanh_cell, hidden, *taps, x_t, image_mirrored, weight, image_weight)
+        ctx.save_for_backward(*saved, out_weight, summed)
+        return out.view(len(out), n, m, b).permute(3, 0, 1, 2)
 
     @staticmethod
-    def backward(ctx, grad_l2r, grad_r2l):
-        gates, cell, tanh_cell, hidden, above, left, x_t, image_mirrored, weight, image_weight = (
-            ctx.saved_tensors
-        )
-        b, h, n, m = grad_l2r.shape
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors  # read once: activation checkpointing allows only one unpacking
+        gates, cell, tanh_cell, hidden, above, left, x_t, image_mirrored, weight, image_weight = saved[:10]
+        out_weight, summed = saved[10:]
+        b, _, n, m = grad_out.shape
+        h = out_weight.shape[1]
         four_h, features, colors = 4 * h, len(x_t), len(image_mirrored)
         with _no_autocast(gates):
+            grad_out = grad_out.to(summed.dtype).permute(1, 2, 3, 0).reshape(len(out_weight), -1)
+            grad_out_weight = grad_out @ summed.t()
+            grad_out_bias = grad_out.sum(1)
+            grad_summed = (out_weight.t() @ grad_out).view(h, n, m, b)
             grad_h = gates.new_zeros(2, h, n + m, n + 1, b)
-            for direction, grad in enumerate((grad_l2r, grad_r2l)):
-                _skewed(grad_h, direction, n, m, b).copy_(grad.permute(1, 2, 3, 0))
+            _skewed(grad_h, 0, n, m, b).copy_(grad_summed)
+            _skewed(grad_h, 1, n, m, b)[:, :-1].copy_(grad_summed[:, 1:].flip(2))
             grad_h = grad_h[:, :, 1:].reshape(2, h, n + m - 1, (n + 1) * b)
             grad_gates, (grad_above, grad_left) = run_backward(
                 grad_h, gates, cell, tanh_cell, hidden, (above, left), (0, 1), (1, 0), b, _diagonals(n, m, b)
@@ -363,16 +378,18 @@ class DiagonalRecurrence(torch.autograd.Function):
                 grad_image = (image_weight.t() @ grad_r2l_gates).view(colors, n, m, b).flip(2)
                 grad_image = grad_image.permute(3, 0, 1, 2)
         grads = (grad_x, grad_image, grad_weight, grad_bias, grad_image_weight, grad_class_bias)
-        grads += (grad_above, grad_left)
+        grads += (grad_above, grad_left, grad_out_weight, grad_out_bias)
         return tuple(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
 
 
 @torch.compiler.disable
 def diagonal_recurrence(
-    x, image, weight, bias, image_weight, class_bias, above, left
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both directions' hidden maps (B, h, n, m) of a Diagonal BiLSTM layer: ``DiagonalRecurrence``."""
-    return DiagonalRecurrence.apply(x, image, weight, bias, image_weight, class_bias, above, left)
+    x, image, weight, bias, image_weight, class_bias, above, left, out_weight, out_bias
+) -> torch.Tensor:
+    """A Diagonal BiLSTM layer's output (B, F_out, n, m): ``DiagonalRecurrence``."""
+    return DiagonalRecurrence.apply(
+        x, image, weight, bias, image_weight, class_bias, above, left, out_weight, out_bias
+    )
 
 
 @torch.compiler.disable
