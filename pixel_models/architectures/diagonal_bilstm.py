@@ -183,8 +183,9 @@ class DiagonalBiLSTM(nn.Module):
         h, index, condition = stack_input(self, x, label, condition)
         # The stack's maps batch innermost, the layout its layers compute in (``DiagonalRecurrence``): the
         # residual and skip additions then add like-laid-out maps, and no layer copies its input again.
+        # The output layers get the usual layout back.
         h = h.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
-        return self.output(self.stack(h, x, index, condition=condition))
+        return self.output(self.stack(h, x, index, condition=condition).contiguous())
 
     def cached_stepper(
         self, label: torch.Tensor | None = None, condition: list[torch.Tensor] | None = None
