@@ -28,7 +28,7 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import Progress
 
-from pixel_models.cli import user_errors
+from pixel_models.cli import check_overrides, user_errors
 from pixel_models.evaluation.bits_map import bits_map_image
 from pixel_models.evaluation.extremes import extremes_grid
 from pixel_models.evaluation.split_nll import evaluate_split
@@ -152,4 +152,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(__file__, "evaluate")
     main()

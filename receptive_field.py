@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from pixel_models.cli import user_errors
+from pixel_models.cli import check_overrides, user_errors
 from pixel_models.training.builders import build
 
 log = logging.getLogger("receptive_field")
@@ -206,4 +206,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(__file__, "receptive_field")
     main()

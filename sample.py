@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from rich.progress import Progress
 from torchvision.utils import make_grid, save_image
 
-from pixel_models.cli import user_errors
+from pixel_models.cli import check_overrides, user_errors
 from pixel_models.sampling.generate import check_method, class_rows, generate, levels_grid, uniform_noise
 from pixel_models.training.checkpoint import (
     CheckpointError,
@@ -325,4 +325,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(__file__, "sample")
     main()

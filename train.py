@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
-from pixel_models.cli import user_errors
+from pixel_models.cli import check_overrides, user_errors
 from pixel_models.sampling.generate import sample_grid
 from pixel_models.training.builders import build, build_all
 from pixel_models.training.callbacks import StoreDataConfig
@@ -301,4 +301,5 @@ def fit_results(trainer: L.Trainer, model, datamodule) -> tuple[str | None, dict
 
 
 if __name__ == "__main__":
+    check_overrides(__file__, "train")
     main()

@@ -2,14 +2,17 @@
 
 - :func:`user_errors`: a user error (a bad setting, a missing or corrupt file) ends the program with one
   line on stderr, ``error: <message>``, and exit code 2 -- no traceback, unless ``HYDRA_FULL_ERROR=1``.
-  Hydra's own errors while composing the config (an unknown key or option) are reported by Hydra, also
-  without a traceback, with exit code 1.
+- :func:`check_overrides`: the same for an unknown key or option on the command line, or an override
+  Hydra cannot parse, found by composing the config before ``@hydra.main`` does.
 (The ``${run_id:}`` resolver of the run directories is registered in ``pixel_models/__init__.py``.)
 """
 
 import contextlib
+import difflib
 import os
+import re
 import sys
+from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
@@ -51,3 +54,74 @@ def user_errors():
             raise
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def check_overrides(script: str, config_name: str) -> None:
+    """Before ``@hydra.main`` runs ``script``: an unknown key or option among the command line's overrides,
+    or one Hydra cannot parse, ends the program with one line (``error: ...``, exit code 2) naming the
+    override and what it could have meant. Plain ``key=value`` command lines only: with a Hydra flag
+    (``-m``, ``--cfg``, ...) or ``HYDRA_FULL_ERROR=1``, Hydra reports its own errors, as it does for
+    anything else that stops it composing the config."""
+    args = sys.argv[1:]
+    if not args or any(arg.startswith("-") for arg in args) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    message = override_error(Path(script).resolve().parent / "conf", config_name, args)
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT)
+
+
+def override_error(conf_dir: Path, config_name: str, overrides: list[str]) -> str | None:
+    """Why Hydra would refuse to compose ``config_name`` from ``conf_dir`` with ``overrides``, in one line,
+    or None if it composes (or fails for another reason, left to Hydra)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    def composed(with_overrides):
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return compose(config_name=config_name, overrides=with_overrides, return_hydra_config=True)
+
+    try:
+        composed(overrides)
+    except MissingConfigException as err:
+        group, _, option = (err.missing_cfg_file or "").rpartition("/")
+        if not group or not err.options:
+            return one_line(err)
+        options = sorted(err.options)
+        return f"{group}={option}: no such option in conf/{group}/; choose one of {', '.join(options)}" + (
+            _did_you_mean(option, options)
+        )
+    except OverrideParseException as err:
+        return f"cannot read the override: {one_line(err)}"
+    except ConfigCompositionException as err:
+        unknown = re.match(r"Could not override '([^']+)'", str(err))
+        if unknown is None:
+            return one_line(err)
+        key = unknown.group(1)
+        override = next((o for o in overrides if o.split("=", 1)[0] == key), key)
+        parent, _, name = key.rpartition(".")
+        try:
+            node = composed([o for o in overrides if o != override])
+            for part in parent.split(".") if parent else []:
+                node = node[part]
+            known = [str(k) for k in node.keys()]
+        except Exception:  # the rest does not compose either, or the parent is not a mapping
+            known = []
+        where = f"under '{parent}'" if parent else "at the top level"
+        if not known:
+            hint = ""
+        elif len(known) <= 30:
+            hint = f"; the settings there: {', '.join(sorted(known))}"
+        else:
+            hint = "; add --cfg job to the command to list every setting"
+        return f"{override}: no setting '{name}' {where}" + (
+            _did_you_mean(name, known, prefix=f"{parent}." if parent else "") or hint
+        )
+    except Exception:  # anything else: @hydra.main reports it as usual
+        return None
+    return None
+
+
+def _did_you_mean(name: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""

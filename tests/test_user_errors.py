@@ -1,6 +1,7 @@
 """Every user error is one clear line naming the key or file, before any work starts; no lost work."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,61 @@ def test_command_line_setting_errors_are_one_line(tmp_path):
     assert result.returncode == USER_ERROR_EXIT
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip().splitlines()[-1].startswith("error: temperature must be a finite number")
+
+
+@pytest.mark.parametrize(
+    "config, overrides, message",
+    [
+        (
+            "train",
+            ["modle=pixelcnn"],
+            r"^modle=pixelcnn: no setting 'modle' at the top level; did you mean model\?$",
+        ),
+        (
+            "train",
+            ["model=pixelcn"],
+            r"^model=pixelcn: no such option in conf/model/; choose one of diag_bilstm, .*row_lstm; "
+            r"did you mean pixelcnn\?$",
+        ),
+        (
+            "train",
+            ["model=row_lstm", "model.net.hiden=8"],
+            r"^model.net.hiden=8: no setting 'hiden' under 'model.net'; did you mean model.net.hidden\?$",
+        ),
+        ("train", ["trainer=gpus"], r"^trainer=gpus: no such option in conf/trainer/; .*did you mean gpu\?$"),
+        ("sample", ["checkpoint=x.ckpt"], r"^checkpoint=x.ckpt: no setting 'checkpoint' .* ckpt_path, "),
+        ("sample", ["temperature=[1"], r"^cannot read the override: "),
+    ],
+)
+def test_unknown_keys_and_options_on_the_command_line_are_one_line(config, overrides, message):
+    from pixel_models.cli import override_error
+
+    found = override_error(ROOT / "conf", config, overrides)
+    assert found is not None and "\n" not in found
+    assert re.search(message, found), found
+
+
+def test_overrides_that_compose_are_left_to_hydra():
+    from pixel_models.cli import override_error
+
+    for overrides in (["model=diag_bilstm", "model.net.hidden=8", "hydra.run.dir=/tmp/x"], ["+extra=1"], []):
+        assert override_error(ROOT / "conf", "train", overrides) is None
+
+
+def test_train_py_refuses_an_unknown_key_in_one_line_before_starting(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "model.net.hiden=8", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == USER_ERROR_EXIT
+    assert result.stderr.strip().splitlines() == [
+        "error: model.net.hiden=8: no setting 'hiden' under 'model.net'; did you mean model.net.hidden?"
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------ run folders
