@@ -95,8 +95,8 @@ def override_error(conf_dir: Path, config_name: str, overrides: list[str]) -> st
         return f"cannot read the override: {one_line(err)}"
     except ConfigCompositionException as err:
         unknown = re.match(r"Could not override '([^']+)'", str(err))
-        if unknown is None:
-            return one_line(err)
+        if unknown is None:  # not an unknown key: Hydra's message
+            return None
         key = unknown.group(1)
         override = next((o for o in overrides if o.split("=", 1)[0] == key), key)
         parent, _, name = key.rpartition(".")
