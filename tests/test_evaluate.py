@@ -17,7 +17,11 @@ from pixel_models.evaluation.split_nll import evaluate_split, subpixel_nll
 from pixel_models.training.checkpoint import CheckpointError
 from pixel_models.training.module import AutoregressiveModule
 
-BINARIZED_MNIST = ROOT.parent.parent / "shared" / "data"  # /work/shared/data on the project's machine
+# ../shared/data beside the project folder (one level further up from a git worktree in a subfolder)
+BINARIZED_MNIST = next(
+    (d for d in (ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data") if d.is_dir()),
+    ROOT.parent / "shared" / "data",
+)
 
 
 def small_module(channels=3, levels=4, size=5, **kwargs):
