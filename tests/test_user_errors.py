@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_THREAD, ROOT, TINY_RUN, compose_train
+from helpers import ONE_THREAD, ROOT, TINY_RUN, compose_train, run_script
 from hydra import compose, initialize_config_dir
 
 from pixel_models.cli import USER_ERROR_EXIT, user_errors
@@ -127,19 +127,13 @@ def test_user_errors_are_one_line_and_exit_code_2(capsys, monkeypatch):
 
 @pytest.mark.slow  # a Python start-up (~20 s on a busy machine); the others: test_checkpoint_safety
 def test_command_line_setting_errors_are_one_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "sample.py"),
-            f"ckpt_path={tmp_path / 'x.ckpt'}",
-            "temperature=hot",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=tmp_path,
-        env=ONE_THREAD,
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "sample.py",
+        f"ckpt_path={tmp_path / 'x.ckpt'}",
+        "temperature=hot",
+        f"hydra.run.dir={tmp_path / 'run'}",
         timeout=180,
+        check=False,
     )
     assert result.returncode == USER_ERROR_EXIT
     assert "Traceback" not in result.stderr + result.stdout
@@ -186,13 +180,8 @@ def test_overrides_that_compose_are_left_to_hydra():
 
 
 def test_train_py_refuses_an_unknown_key_in_one_line_before_starting(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "model.net.hiden=8", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        env=ONE_THREAD,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    result = run_script(
+        "train.py", "model.net.hiden=8", f"hydra.run.dir={tmp_path / 'run'}", timeout=180, check=False
     )
     assert result.returncode == USER_ERROR_EXIT
     assert result.stderr.strip().splitlines() == [

@@ -47,7 +47,7 @@ class LSTMRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates_in, offsets, pad, batch, *weights):
-        dtype = _compute_dtype(gates_in, weights)
+        dtype = _compute_dtype(gates_in.dtype, weights)
         with _no_autocast(gates_in):
             # (D, 4h, T, N), or (D, 4h, T, L, B) viewed as that; becomes the activations, kept for backward
             shape = (*gates_in.shape[:3], gates_in[0, 0, 0].numel())
@@ -75,10 +75,9 @@ class LSTMRecurrence(torch.autograd.Function):
         return (grad_gates.view(ctx.input_shape).to(input_dtype), None, None, None, *weight_grads)
 
 
-def _compute_dtype(gates_in: torch.Tensor, weights) -> torch.dtype:
+def _compute_dtype(dtype: torch.dtype, weights) -> torch.dtype:
     """float32 under bf16 / fp16 autocast (the gates arrive in half precision, the weights are float32):
     the state runs through hundreds of steps, so it is kept at the weights' precision."""
-    dtype = gates_in.dtype
     for w in weights:
         dtype = torch.promote_types(dtype, w.dtype)
     return dtype
@@ -305,7 +304,7 @@ class DiagonalRecurrence(torch.autograd.Function):
         # Under autocast the products run as autocast runs a convolution (in its lower precision), the
         # recurrence at the tap weights' precision (``_compute_dtype``).
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        dtype = _compute_dtype(x.new_empty(0, dtype=low), (above, left))
+        dtype = _compute_dtype(low, (above, left))
         with _no_autocast(x):
             weight, bias, image_weight = weight.to(low), bias.to(low), image_weight.to(low)
             out_weight, out_bias = out_weight.to(low), out_bias.to(low)
