@@ -144,6 +144,37 @@ def test_diagonal_bilstm_layer_equals_plain_loop(num_colors, size):
     )
 
 
+@pytest.fixture
+def nan_filled_new_memory(monkeypatch):
+    """Every tensor made with empty / empty_like / new_empty starts as NaN, not as whatever memory held:
+    a layer that reads a cell it never wrote (the recurrences leave off-image cells unset) gives NaN."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def nan_empty(*size, **kwargs):
+        return empty(*size, **kwargs).fill_(float("nan"))
+
+    def nan_empty_like(like, **kwargs):
+        return empty_like(like, **kwargs).fill_(float("nan"))
+
+    def nan_new_empty(self, *size, **kwargs):
+        return new_empty(self, *size, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_new_empty)
+
+
+@pytest.mark.parametrize("num_colors", [1, 3])
+def test_recurrent_layers_never_read_memory_they_did_not_write(nan_filled_new_memory, num_colors):
+    assert torch.empty(2).isnan().all() and torch.zeros(1).new_empty(2).isnan().all()
+    row = RowLSTMLayer(6, num_colors, 3)
+    assert_same_function(row, reference_row_lstm, torch.randn(3, 12, 5, 7))
+    diagonal = DiagonalBiLSTMLayer(6, num_colors)
+    for size in [(5, 7), (7, 4), (1, 5), (6, 1)]:
+        x, image = torch.randn(3, 12, *size), torch.rand(3, num_colors, *size)
+        assert_same_function(diagonal, reference_diagonal_bilstm, x, image)
+
+
 def test_conditional_layers_equal_plain_loops_with_the_class_bias_on_the_gates():
     label = torch.tensor([0, 2, 1])
     row = RowLSTMLayer(6, 3, 3, num_classes=3)

@@ -92,70 +92,105 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
 
     Returns ``hidden`` (D, h, T + 1, line), ``cell`` (D, h, T + 1, N; slot 0 zero) and ``tanh_cell``
     (D, h, T, N), everything ``run_backward`` needs. ``active``: per step the (start, stop) cells to
-    compute, or None for all; the others keep zero state (the caller guarantees they would).
+    compute, or None for all; the others keep zero state (the caller guarantees they would), and are
+    left unset in the buffers returned, except where a step reads them (zero).
+
+    tanh runs as 2 sigmoid(2x) - 1 (the same function; within 2e-7 of torch.tanh in float32): torch's CPU
+    tanh costs six times its sigmoid per element, and these two tanh were a third of a step. The
+    candidate gate's factor 2 is put on its input and tap weights once, so one sigmoid covers all four
+    gates of a step.
     """
     num_dirs, four_h, steps, cells = gates.shape
     h = four_h // 4
     before, after = pad
     line = cells + (before + after) * batch
     first = before * batch
-    hidden = gates.new_zeros(num_dirs, h, steps + 1, line)
-    if active is None:
-        cell = gates.new_empty(num_dirs, h, steps + 1, cells)
-        cell[:, :, 0].zero_()
-    else:  # cells outside the active range are read as zero state
-        cell = gates.new_zeros(num_dirs, h, steps + 1, cells)
+    hidden = gates.new_empty(num_dirs, h, steps + 1, line)
+    cell = gates.new_empty(num_dirs, h, steps + 1, cells)
+    hidden[..., :first].zero_()
+    hidden[..., first + cells :].zero_()
+    for t, start, stop in _first_reads(active, cells, [(o - before) * batch for o in offsets]):
+        hidden[:, :, t, first + start : first + stop].zero_()
+    for t, start, stop in _first_reads(active, cells, [0]):
+        cell[:, :, t, start:stop].zero_()
     tanh_cell = gates.new_empty(num_dirs, h, steps, cells)
+    gates[:, 3 * h :].mul_(2)
+    doubled = [w.clone() for w in weights]
+    for w in doubled:
+        w[:, 3 * h :].mul_(2)
     # Views made once, not per step: per step they would cost more than the arithmetic at small h.
-    gates_at = gates.unbind(2)
-    sigmoid_at = gates[:, : 3 * h].unbind(2)
-    candidate_at = gates[:, 3 * h :].unbind(2)
-    chunks_at = [step.split(h, 1) for step in gates_at]
-    cell_at = cell.unbind(2)
-    tanh_at = tanh_cell.unbind(2)
-    out_at = hidden[:, :, 1:, first : first + cells].unbind(2)
+    # One direction: plain matrices (addmm_ skips baddbmm's per-batch dispatch).
+    single = num_dirs == 1
+    flat = (lambda t: t[0]) if single else (lambda t: t)
+    gates_at = [flat(step) for step in gates.unbind(2)]
+    candidate_at = [step[..., 3 * h :, :] for step in gates_at]
+    chunks_at = [step.split(h, -2) for step in gates_at]
+    cell_at = [flat(c) for c in cell.unbind(2)]
+    tanh_at = [flat(c) for c in tanh_cell.unbind(2)]
+    out_at = [flat(o) for o in hidden[:, :, 1:, first : first + cells].unbind(2)]
     taps_at = [
-        (w, hidden[:, :, :, o * batch : o * batch + cells].unbind(2))
-        for w, o in zip(weights, offsets, strict=True)
+        (flat(w), [flat(x) for x in hidden[:, :, :, o * batch : o * batch + cells].unbind(2)])
+        for w, o in zip(doubled, offsets, strict=True)
     ]
-    cut = _cutter(active, cells)
+    product = torch.Tensor.addmm_ if single else torch.Tensor.baddbmm_
+    cut = _cutter(active)
     for t in range(steps):
-        a, b = cut[t]
-        step = gates_at[t][..., a:b]
+        a, b = active[t] if active is not None else (0, cells)
+        step = cut(gates_at[t], a, b)
         if t > 0:
             for weight, above in taps_at:
-                step.baddbmm_(weight, above[t][..., a:b])
-        sigmoid_at[t][..., a:b].sigmoid_()
-        candidate_at[t][..., a:b].tanh_()
-        i, f, o, g = (chunk[..., a:b] for chunk in chunks_at[t])
-        c = cell_at[t + 1][..., a:b]
-        tc = tanh_at[t][..., a:b]
-        torch.mul(f, cell_at[t][..., a:b], out=c)
+                product(step, weight, cut(above[t], a, b))
+        step.sigmoid_()
+        g = cut(candidate_at[t], a, b)
+        torch.addcmul(_MINUS_ONE, g, _TWO, out=g)
+        i, f, o, _ = (cut(chunk, a, b) for chunk in chunks_at[t])
+        c = cut(cell_at[t + 1], a, b)
+        tc = cut(tanh_at[t], a, b)
+        torch.mul(f, cut(cell_at[t], a, b), out=c)
         c.addcmul_(i, g)
-        torch.tanh(c, out=tc)
-        torch.mul(o, tc, out=out_at[t][..., a:b])
+        torch.mul(c, 2, out=tc).sigmoid_()
+        torch.addcmul(_MINUS_ONE, tc, _TWO, out=tc)
+        torch.mul(o, tc, out=cut(out_at[t], a, b))
     return hidden, cell, tanh_cell
 
 
-def _cutter(active, cells):
-    """Per step (start, stop) along the cells; all of them when ``active`` is None."""
-    return _AllCells(cells) if active is None else active
+def _first_reads(active, cells, shifts):
+    """(slot, start, stop): the cell ranges that step t reads from slot t (its previous state, at cells
+    a + shift .. b + shift for each shift) before any step wrote them; zero state there. Slot 0 whole;
+    then, with ``active``, the parts of a step's reads outside the previous step's cells (in the
+    Diagonal BiLSTM, the cell where a row starts). Cells wholly outside 0 .. N are padding."""
+    yield 0, 0, cells
+    if active is None:
+        return
+    for t in range(1, len(active)):
+        (a, b), (written_a, written_b) = active[t], active[t - 1]
+        for shift in shifts:
+            start, stop = max(0, a + shift), min(cells, b + shift)
+            for lo, hi in ((start, min(stop, written_a)), (max(start, written_b), stop)):
+                if lo < hi:
+                    yield t, lo, hi
 
 
-class _AllCells:
-    """Every step's (0, N), without a list as long as the steps."""
-
-    def __init__(self, cells):
-        self.cells = (0, cells)
-
-    def __getitem__(self, t):
-        return self.cells
+# 0-dim operands of the x -> 2 x - 1 step above (one addcmul instead of a multiply and a subtraction).
+_MINUS_ONE, _TWO = torch.tensor(-1.0), torch.tensor(2.0)
 
 
-def run_backward(grad_h, gates, cell, tanh_cell, hidden, weights, offsets, pad, batch, active=None):
+def _cutter(active):
+    """How a step reads its cells: a slice of the active ones, or (all active) the view itself, which
+    saves a view per operand and step."""
+    if active is None:
+        return lambda view, a, b: view
+    return lambda view, a, b: view[..., a:b]
+
+
+def run_backward(
+    grad_h, gates, cell, tanh_cell, hidden, weights, offsets, pad, batch, active=None, weight_grads=True
+):
     """Backward through time. ``grad_h`` (D, h, T, line): the loss's gradient with respect to each h_t
     from outside the recurrence, in the hidden buffer's layout without slot 0; it is accumulated into
-    in place. Returns the gradients of the gates' input (D, 4h, T, N) and of each tap's weight.
+    in place. Returns the gradients of the gates' input (D, 4h, T, N) and of each tap's weight (None
+    with ``weight_grads=False``: the caller computes them; then the gate gradients of cells outside
+    ``active`` are left unset, as nothing here reads them).
 
     Every factor that does not depend on the incoming gradient (the gates' local derivatives) is computed
     for all steps at once before the loop (``local_derivatives``), so a step is its tap products and five
@@ -164,43 +199,51 @@ def run_backward(grad_h, gates, cell, tanh_cell, hidden, weights, offsets, pad, 
     num_dirs, four_h, steps, cells = gates.shape
     h = four_h // 4
     first = pad[0] * batch
-    # Outside the active cells the gate gradients stay zero, so the weight gradients below may sum
-    # over all cells.
-    grad_gates = torch.empty_like(gates) if active is None else torch.zeros_like(gates)
+    if active is not None and weight_grads:
+        raise ValueError(
+            "with active cells the hidden buffer is unset off them: compute weight grads outside"
+        )
+    grad_gates = torch.empty_like(gates)
     factors, cell_from_h = local_derivatives(gates, cell, tanh_cell)
-    dh_at = grad_h[:, :, :, first : first + cells].unbind(2)
+    single = num_dirs == 1
+    flat = (lambda t: t[0]) if single else (lambda t: t)
+    dh_at = [flat(x) for x in grad_h[:, :, :, first : first + cells].unbind(2)]
     taps_at = [
-        (w.transpose(1, 2), grad_h[:, :, :, o * batch : o * batch + cells].unbind(2))
+        (flat(w.transpose(1, 2)), [flat(x) for x in grad_h[:, :, :, o * batch : o * batch + cells].unbind(2)])
         for w, o in zip(weights, offsets, strict=True)
     ]
-    grad_at = grad_gates.unbind(2)
-    # (D, 2, h, N) per step: the input and forget gates, both driven by dL/dc
-    grad_if_at = grad_gates[:, : 2 * h].unflatten(1, (2, h)).unbind(3)
-    grad_o_at = grad_gates[:, 2 * h : 3 * h].unbind(2)
-    grad_g_at = grad_gates[:, 3 * h :].unbind(2)
-    factor_if_at = factors[:, : 2 * h].unflatten(1, (2, h)).unbind(3)
-    factor_o_at = factors[:, 2 * h : 3 * h].unbind(2)
-    factor_g_at = factors[:, 3 * h :].unbind(2)
-    cell_from_h_at = cell_from_h.unbind(2)
-    forget_at = gates[:, h : 2 * h].unbind(2)
-    grad_c = gates.new_empty(num_dirs, h, cells)
-    grad_c_pair = grad_c[:, None]
-    carry = gates.new_zeros(num_dirs, h, cells)  # dL/dc_t from step t + 1: dc_{t+1} . f_{t+1}
-    cut = _cutter(active, cells)
+    grad_at = [flat(x) for x in grad_gates.unbind(2)]
+    # (2, h, N) per step (D in front with several directions): the input and forget gates, both driven by
+    # dL/dc
+    grad_if_at = [flat(x) for x in grad_gates[:, : 2 * h].unflatten(1, (2, h)).unbind(3)]
+    grad_o_at = [flat(x) for x in grad_gates[:, 2 * h : 3 * h].unbind(2)]
+    grad_g_at = [flat(x) for x in grad_gates[:, 3 * h :].unbind(2)]
+    factor_if_at = [flat(x) for x in factors[:, : 2 * h].unflatten(1, (2, h)).unbind(3)]
+    factor_o_at = [flat(x) for x in factors[:, 2 * h : 3 * h].unbind(2)]
+    factor_g_at = [flat(x) for x in factors[:, 3 * h :].unbind(2)]
+    cell_from_h_at = [flat(x) for x in cell_from_h.unbind(2)]
+    forget_at = [flat(x) for x in gates[:, h : 2 * h].unbind(2)]
+    grad_c = flat(gates.new_empty(num_dirs, h, cells))
+    grad_c_pair = grad_c[..., None, :, :]
+    carry = flat(gates.new_zeros(num_dirs, h, cells))  # dL/dc_t from step t + 1: dc_{t+1} . f_{t+1}
+    product = torch.Tensor.addmm_ if single else torch.Tensor.baddbmm_
+    cut = _cutter(active)
     for t in reversed(range(steps)):
-        a, b = cut[t]
+        a, b = active[t] if active is not None else (0, cells)
         if t < steps - 1:
-            a1, b1 = cut[t + 1]
-            upstream = grad_at[t + 1][..., a1:b1]
+            a1, b1 = active[t + 1] if active is not None else (0, cells)
+            upstream = cut(grad_at[t + 1], a1, b1)
             for weight_t, below in taps_at:
-                below[t][..., a1:b1].baddbmm_(weight_t, upstream)
-        dh = dh_at[t][..., a:b]
-        dc, after = grad_c[..., a:b], carry[..., a:b]
-        torch.addcmul(after, dh, cell_from_h_at[t][..., a:b], out=dc)
-        torch.mul(factor_if_at[t][..., a:b], grad_c_pair[..., a:b], out=grad_if_at[t][..., a:b])
-        torch.mul(factor_o_at[t][..., a:b], dh, out=grad_o_at[t][..., a:b])
-        torch.mul(factor_g_at[t][..., a:b], dc, out=grad_g_at[t][..., a:b])
-        torch.mul(dc, forget_at[t][..., a:b], out=after)
+                product(cut(below[t], a1, b1), weight_t, upstream)
+        dh = cut(dh_at[t], a, b)
+        dc, after = cut(grad_c, a, b), cut(carry, a, b)
+        torch.addcmul(after, dh, cut(cell_from_h_at[t], a, b), out=dc)
+        torch.mul(cut(factor_if_at[t], a, b), cut(grad_c_pair, a, b), out=cut(grad_if_at[t], a, b))
+        torch.mul(cut(factor_o_at[t], a, b), dh, out=cut(grad_o_at[t], a, b))
+        torch.mul(cut(factor_g_at[t], a, b), dc, out=cut(grad_g_at[t], a, b))
+        torch.mul(dc, cut(forget_at[t], a, b), out=after)
+    if not weight_grads:
+        return grad_gates, None
     # State-to-state weights: every step's gate gradient against the hidden line it read, at once.
     flat_grad = grad_gates.view(num_dirs, four_h, steps * cells)
     weight_grads = []
@@ -348,19 +391,42 @@ class DiagonalRecurrence(torch.autograd.Function):
             grad_out_weight = grad_out @ summed.t()
             grad_out_bias = grad_out.sum(1)
             grad_summed = (out_weight.t() @ grad_out).view(h, n, m, b)
-            grad_h = gates.new_zeros(2, h, n + m, n + 1, b)
+            # Only the on-image cells of grad_h are read (the taps also add into off-image ones, unread).
+            grad_h = gates.new_empty(2, h, n + m, n + 1, b)
             _skewed(grad_h, 0, n, m, b).copy_(grad_summed)
-            _skewed(grad_h, 1, n, m, b)[:, :-1].copy_(grad_summed[:, 1:].flip(2))
-            grad_h = grad_h[:, :, 1:].reshape(2, h, n + m - 1, (n + 1) * b)
-            grad_gates, (grad_above, grad_left) = run_backward(
-                grad_h, gates, cell, tanh_cell, hidden, (above, left), (0, 1), (1, 0), b, _diagonals(n, m, b)
+            right_to_left_grad = _skewed(grad_h, 1, n, m, b)
+            right_to_left_grad[:, :-1].copy_(grad_summed[:, 1:].flip(2))
+            right_to_left_grad[:, -1].zero_()
+            grad_h = grad_h[:, :, 1:].view(2, h, n + m - 1, (n + 1) * b)
+            grad_gates, _ = run_backward(
+                grad_h,
+                gates,
+                cell,
+                tanh_cell,
+                hidden,
+                (above, left),
+                (0, 1),
+                (1, 0),
+                b,
+                _diagonals(n, m, b),
+                weight_grads=False,
             )
-            # Each direction's gate gradients back in the products' layout (4h, n m B) and precision.
             grad_steps = grad_gates.view(2, four_h, n + m - 1, n, b)
-            grad_l2r_gates, grad_r2l_gates = (
-                x_t.new_empty(four_h, n, m, b).copy_(_skewed(grad_steps, d, n, m, b)).view(four_h, -1)
+            # Each direction's gate gradients back in image order (4h, n m B), at the recurrence's precision
+            # for the tap weights' gradients, then in the products' precision for the rest.
+            grad_dirs = [
+                gates.new_empty(four_h, n, m, b).copy_(_skewed(grad_steps, d, n, m, b)).view(four_h, -1)
                 for d in range(2)
-            )
+            ]
+            hidden_maps = hidden.view(2, h, n + m, n + 1, b)
+            tap_grads = [
+                _tap_weight_grads(
+                    grad_d, hidden.new_empty(h, n, m, b).copy_(_skewed(hidden_maps, d, n, m, b))
+                )
+                for d, grad_d in enumerate(grad_dirs)
+            ]
+            grad_l2r_gates, grad_r2l_gates = (g.to(x_t.dtype) for g in grad_dirs)
+            grad_above, grad_left = (torch.stack(pair) for pair in zip(*tap_grads, strict=True))
             flat, mirrored = x_t.view(features, -1), x_t.flip(2).view(features, -1)
             grad_weight = torch.cat([grad_l2r_gates @ flat.t(), grad_r2l_gates @ mirrored.t()])
             grad_bias = torch.cat([grad_l2r_gates.sum(1), grad_r2l_gates.sum(1)])
@@ -379,6 +445,25 @@ class DiagonalRecurrence(torch.autograd.Function):
         grads = (grad_x, grad_image, grad_weight, grad_bias, grad_image_weight, grad_class_bias)
         grads += (grad_above, grad_left, grad_out_weight, grad_out_bias)
         return tuple(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
+
+
+def _tap_weight_grads(grad_gates: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One direction's state-to-state weight gradients, from its gate gradients (4h, n m B) and hidden
+    maps (h, n, m, B) in image order (of its own map): pixel (r, j)'s gates read h(r - 1, j) (tap above)
+    and h(r, j - 1) (tap left), zero off the image. Over the on-image pixels only, half the skewed grid.
+
+    Flattened, h(r, j - 1) is h one pixel (B values) back; that also pairs each row's first pixel with
+    the last pixel of the row above, which the correction product takes out again.
+    """
+    four_h = len(grad_gates)
+    h, n, m, b = hidden.shape
+    flat = hidden.view(h, -1)
+    above = grad_gates[:, m * b :] @ flat[:, : -m * b].t()
+    left = grad_gates[:, b:] @ flat[:, :-b].t()
+    row_starts = grad_gates.view(four_h, n, m, b)[:, 1:, 0].reshape(four_h, -1)
+    row_ends = hidden[:, :-1, m - 1].reshape(h, -1)
+    left -= row_starts @ row_ends.t()
+    return above, left
 
 
 @torch.compiler.disable
@@ -418,7 +503,8 @@ class RowInputToState(torch.autograd.Function):
         b, features, height, width = x.shape
         taps = weight.shape[2]
         pad = taps - 1
-        padded = x.new_zeros(features, height, width + pad, b)
+        padded = x.new_empty(features, height, width + pad, b)
+        padded[:, :, :pad].zero_()
         padded[:, :, pad:].copy_(x.permute(1, 2, 3, 0))
         flat = padded.view(features, -1)
         out = x.new_empty(len(weight), height, width + pad, b)
@@ -437,14 +523,20 @@ class RowInputToState(torch.autograd.Function):
         b, height, width = ctx.shape
         taps = weight.shape[2]
         pad = taps - 1
-        grad = weight.new_zeros(len(weight), height, width + pad, b)
+        grad = weight.new_empty(len(weight), height, width + pad, b)
+        grad[:, :, :pad].zero_()
         grad[:, :, pad:].copy_(grad_out)
         target = grad.view(len(weight), -1)[:, pad * b :]
         count = target.shape[1]
-        grad_flat = torch.zeros_like(flat)
+        # Tap t reads columns t B .. t B + count: tap 0 sets the first count, the last (taps - 1) B start
+        # at zero, and the other taps add on.
+        grad_flat = torch.empty_like(flat)
+        grad_flat[:, :count].addmm_(weight[:, :, 0].t(), target, beta=0)
+        grad_flat[:, count:].zero_()
         grad_weight = torch.empty_like(weight)
         for t in range(taps):
-            grad_flat[:, t * b : t * b + count].addmm_(weight[:, :, t].t(), target)
+            if t > 0:
+                grad_flat[:, t * b : t * b + count].addmm_(weight[:, :, t].t(), target)
             torch.mm(target, flat[:, t * b : t * b + count].t(), out=grad_weight[:, :, t])
         grad_x = grad_flat.view(-1, height, width + pad, b)[:, :, pad:].permute(3, 0, 1, 2)
         grads = (grad_x, grad_weight, target.sum(1))
