@@ -113,7 +113,14 @@ def test_row_kernel_and_first_layer_equal_full_masked_kernels():
     assert_same_function(
         MaskedConv2d(6, 12, (1, 5), "B", 3, out_chunks=4), reference_masked_conv, torch.randn(2, 6, 4, 6)
     )
-    assert_same_function(FirstLayer(3, 12), reference_masked_conv, torch.rand(2, 3, 8, 9))
+    for num_channels in (1, 3):  # one input map takes its own path (unfolded windows)
+        for size in [(8, 9), (1, 1), (2, 5)]:
+            first, image = FirstLayer(num_channels, 12), torch.rand(2, num_channels, *size)
+            assert_same_function(first, reference_masked_conv, image)
+            with torch.no_grad():  # (evaluation and sampling take the convolution)
+                torch.testing.assert_close(
+                    first(image.double()), reference_masked_conv(first, image.double())
+                )
 
 
 def test_residual_block_equals_reference():
