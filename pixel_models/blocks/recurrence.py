@@ -133,6 +133,8 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
         for w, o in zip(doubled, offsets, strict=True)
     ]
     product = torch.Tensor.addmm_ if single else torch.Tensor.baddbmm_
+    # x -> 2 x - 1 as one addcmul (-1 + x * 2) with these 0-dim operands, not a multiply and a subtraction
+    minus_one, two = gates.new_full((), -1.0), gates.new_full((), 2.0)
     cut = _cutter(active)
     for t in range(steps):
         a, b = active[t] if active is not None else (0, cells)
@@ -142,14 +144,14 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
                 product(step, weight, cut(above[t], a, b))
         step.sigmoid_()
         g = cut(candidate_at[t], a, b)
-        torch.addcmul(_MINUS_ONE, g, _TWO, out=g)
+        torch.addcmul(minus_one, g, two, out=g)
         i, f, o, _ = (cut(chunk, a, b) for chunk in chunks_at[t])
         c = cut(cell_at[t + 1], a, b)
         tc = cut(tanh_at[t], a, b)
         torch.mul(f, cut(cell_at[t], a, b), out=c)
         c.addcmul_(i, g)
         torch.mul(c, 2, out=tc).sigmoid_()
-        torch.addcmul(_MINUS_ONE, tc, _TWO, out=tc)
+        torch.addcmul(minus_one, tc, two, out=tc)
         torch.mul(o, tc, out=cut(out_at[t], a, b))
     return hidden, cell, tanh_cell
 
@@ -171,10 +173,6 @@ def _first_reads(active, cells, shifts):
                     yield t, lo, hi
 
 
-# 0-dim operands of the x -> 2 x - 1 step above (one addcmul instead of a multiply and a subtraction).
-_MINUS_ONE, _TWO = torch.tensor(-1.0), torch.tensor(2.0)
-
-
 def _cutter(active):
     """How a step reads its cells: a slice of the active ones, or (all active) the view itself, which
     saves a view per operand and step."""
@@ -188,9 +186,9 @@ def run_backward(
 ):
     """Backward through time. ``grad_h`` (D, h, T, line): the loss's gradient with respect to each h_t
     from outside the recurrence, in the hidden buffer's layout without slot 0; it is accumulated into
-    in place. Returns the gradients of the gates' input (D, 4h, T, N) and of each tap's weight (None
-    with ``weight_grads=False``: the caller computes them; then the gate gradients of cells outside
-    ``active`` are left unset, as nothing here reads them).
+    in place. Returns the gradients of the gates' input (D, 4h, T, N; with ``active``, set on the active
+    cells only) and of each tap's weight (None with ``weight_grads=False``, which ``active`` requires: off
+    the active cells the hidden buffer is unset, so the caller computes them over its own cells).
 
     Every factor that does not depend on the incoming gradient (the gates' local derivatives) is computed
     for all steps at once before the loop (``local_derivatives``), so a step is its tap products and five
