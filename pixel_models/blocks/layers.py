@@ -43,10 +43,9 @@ class FirstLayer(MaskedConv2d):
         # backward on CPU (the image needs no gradient, so nothing is folded back). Forward only, the
         # convolution is faster.
         kh, kw = self.kernel_size
-        rows = kh // 2 + 1
         b, _, height, width = x.shape
-        windows = F.unfold(F.pad(x, (kw // 2, kw // 2, kh // 2, 0)), (rows, kw))  # (B, rows * kw, H W)
-        weight = (self.weight[:, :, :rows] * self.mask[:, :, :rows]).flatten(1).expand(b, -1, -1)
+        windows = F.unfold(F.pad(x, (kw // 2, kw // 2, kh // 2, 0)), (kh // 2 + 1, kw))  # (B, rows kw, H W)
+        weight = self.kept_rows_weight().flatten(1).expand(b, -1, -1)
         return torch.baddbmm(self.bias[:, None], weight, windows).view(b, -1, height, width)
 
     def at_position(self) -> "FirstLayerAtPosition":

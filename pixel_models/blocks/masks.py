@@ -101,6 +101,11 @@ class MaskedConv2d(nn.Conv2d):
     def masked_weight(self) -> torch.Tensor:
         return self.weight * self.mask
 
+    def kept_rows_weight(self) -> torch.Tensor:
+        """The masked kernel's rows 0 .. kh // 2: every row below the centre is zero."""
+        rows = self.kernel_size[0] // 2 + 1
+        return self.weight[:, :, :rows] * self.mask[:, :, :rows]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kh, kw = self.kernel_size
         if kh == kw == 1:
@@ -118,9 +123,7 @@ class MaskedConv2d(nn.Conv2d):
         # The mask zeroes every row below the centre: convolve with the rows 0 .. kh // 2 only (a 7x7
         # kernel needs 4 rows, 3x3 needs 2). With the usual padding the output has kh // 2 extra rows at
         # the bottom, dropped; padding inside the convolution keeps autograd from saving a padded copy.
-        rows = kh // 2 + 1
-        weight = self.weight[:, :, :rows] * self.mask[:, :, :rows]
-        return F.conv2d(x, weight, self.bias, padding=self.padding)[:, :, : x.shape[2]]
+        return F.conv2d(x, self.kept_rows_weight(), self.bias, padding=self.padding)[:, :, : x.shape[2]]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mask_type={self.mask_type}, num_colors={self.num_colors}"

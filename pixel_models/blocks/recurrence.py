@@ -119,9 +119,7 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
     for w in doubled:
         w[:, 3 * h :].mul_(2)
     # Views made once, not per step: per step they would cost more than the arithmetic at small h.
-    # One direction: plain matrices (addmm_ skips baddbmm's per-batch dispatch).
-    single = num_dirs == 1
-    flat = (lambda t: t[0]) if single else (lambda t: t)
+    flat, product = _step_operations(num_dirs)
     gates_at = [flat(step) for step in gates.unbind(2)]
     candidate_at = [step[..., 3 * h :, :] for step in gates_at]
     chunks_at = [step.split(h, -2) for step in gates_at]
@@ -132,12 +130,11 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
         (flat(w), [flat(x) for x in hidden[:, :, :, o * batch : o * batch + cells].unbind(2)])
         for w, o in zip(doubled, offsets, strict=True)
     ]
-    product = torch.Tensor.addmm_ if single else torch.Tensor.baddbmm_
     # x -> 2 x - 1 as one addcmul (-1 + x * 2) with these 0-dim operands, not a multiply and a subtraction
     minus_one, two = gates.new_full((), -1.0), gates.new_full((), 2.0)
-    cut = _cutter(active)
+    cells_at, cut = _cutter(active, steps, cells)
     for t in range(steps):
-        a, b = active[t] if active is not None else (0, cells)
+        a, b = cells_at[t]
         step = cut(gates_at[t], a, b)
         if t > 0:
             for weight, above in taps_at:
@@ -173,12 +170,20 @@ def _first_reads(active, cells, shifts):
                     yield t, lo, hi
 
 
-def _cutter(active):
-    """How a step reads its cells: a slice of the active ones, or (all active) the view itself, which
-    saves a view per operand and step."""
+def _cutter(active, steps, cells):
+    """Each step's (start, stop) cells, and how a step reads them: a slice of the active ones, or (all
+    active) the view itself, which saves a view per operand and step."""
     if active is None:
-        return lambda view, a, b: view
-    return lambda view, a, b: view[..., a:b]
+        return [(0, cells)] * steps, lambda view, a, b: view
+    return active, lambda view, a, b: view[..., a:b]
+
+
+def _step_operations(num_dirs):
+    """``flat``, which makes a step's (D, ...) view a plain matrix when there is one direction, and the
+    in-place tap product that goes with it: addmm_ on matrices skips baddbmm_'s per-batch dispatch."""
+    if num_dirs == 1:
+        return (lambda view: view[0]), torch.Tensor.addmm_
+    return (lambda view: view), torch.Tensor.baddbmm_
 
 
 def run_backward(
@@ -203,8 +208,7 @@ def run_backward(
         )
     grad_gates = torch.empty_like(gates)
     factors, cell_from_h = local_derivatives(gates, cell, tanh_cell)
-    single = num_dirs == 1
-    flat = (lambda t: t[0]) if single else (lambda t: t)
+    flat, product = _step_operations(num_dirs)
     dh_at = [flat(x) for x in grad_h[:, :, :, first : first + cells].unbind(2)]
     taps_at = [
         (flat(w.transpose(1, 2)), [flat(x) for x in grad_h[:, :, :, o * batch : o * batch + cells].unbind(2)])
@@ -224,12 +228,11 @@ def run_backward(
     grad_c = flat(gates.new_empty(num_dirs, h, cells))
     grad_c_pair = grad_c[..., None, :, :]
     carry = flat(gates.new_zeros(num_dirs, h, cells))  # dL/dc_t from step t + 1: dc_{t+1} . f_{t+1}
-    product = torch.Tensor.addmm_ if single else torch.Tensor.baddbmm_
-    cut = _cutter(active)
+    cells_at, cut = _cutter(active, steps, cells)
     for t in reversed(range(steps)):
-        a, b = active[t] if active is not None else (0, cells)
+        a, b = cells_at[t]
         if t < steps - 1:
-            a1, b1 = active[t + 1] if active is not None else (0, cells)
+            a1, b1 = cells_at[t + 1]
             upstream = cut(grad_at[t + 1], a1, b1)
             for weight_t, below in taps_at:
                 product(cut(below[t], a1, b1), weight_t, upstream)
@@ -412,15 +415,10 @@ class DiagonalRecurrence(torch.autograd.Function):
             grad_steps = grad_gates.view(2, four_h, n + m - 1, n, b)
             # Each direction's gate gradients back in image order (4h, n m B), at the recurrence's precision
             # for the tap weights' gradients, then in the products' precision for the rest.
-            grad_dirs = [
-                gates.new_empty(four_h, n, m, b).copy_(_skewed(grad_steps, d, n, m, b)).view(four_h, -1)
-                for d in range(2)
-            ]
+            grad_dirs = [_skewed(grad_steps, d, n, m, b).contiguous().view(four_h, -1) for d in range(2)]
             hidden_maps = hidden.view(2, h, n + m, n + 1, b)
             tap_grads = [
-                _tap_weight_grads(
-                    grad_d, hidden.new_empty(h, n, m, b).copy_(_skewed(hidden_maps, d, n, m, b))
-                )
+                _tap_weight_grads(grad_d, _skewed(hidden_maps, d, n, m, b).contiguous())
                 for d, grad_d in enumerate(grad_dirs)
             ]
             grad_l2r_gates, grad_r2l_gates = (g.to(x_t.dtype) for g in grad_dirs)
