@@ -32,6 +32,7 @@ from torchvision.utils import save_image
 
 from pixel_models.cli import check_overrides, user_errors
 from pixel_models.sampling.generate import sample_grid
+from pixel_models.training.allocator import reuse_freed_memory
 from pixel_models.training.builders import build, build_all
 from pixel_models.training.callbacks import StoreDataConfig
 from pixel_models.training.checkpoint import (
@@ -77,7 +78,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def check_settings(cfg: DictConfig) -> None:
     """Every setting checked before anything is built or read: one clear error naming the key."""
-    for key in ("train", "test"):
+    for key in ("train", "test", "reuse_freed_memory"):
         if type(cfg[key]) is not bool:
             raise ValueError(f"{key} must be true or false, got {cfg[key]!r}")
     if type(cfg.final_samples) is not int or not 0 <= cfg.final_samples <= 1024:
@@ -109,6 +110,8 @@ def train(cfg: DictConfig, extra_callbacks: list | tuple = ()) -> float | None:
     if not cfg.train and ckpt is None:
         raise ValueError("train=false evaluates a checkpoint: pass ckpt_path=<file.ckpt>")
 
+    if cfg.reuse_freed_memory:
+        log.info(f"memory: {reuse_freed_memory()}")
     L.seed_everything(cfg.seed, workers=True)
     if cfg.train:
         if ckpt is not None:

@@ -62,6 +62,14 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    # As train.py does by default (reuse_freed_memory=true), where the code under test has it.
+    try:
+        from pixel_models.training.allocator import reuse_freed_memory
+    except ImportError:
+        reuse_freed_memory = None
+    allocator = "glibc defaults"
+    if reuse_freed_memory is not None and not args.default_allocator:
+        allocator = reuse_freed_memory()
     with initialize_config_dir(config_dir=str(Path(args.code) / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="train", overrides=[f"model={args.model}", f"data={args.data}", *args.override]
@@ -77,6 +85,7 @@ def worker(args) -> None:
         optimizer.step()
 
     result = {"model": args.model, "batch": args.batch, "threads": torch.get_num_threads()}
+    result["allocator"] = allocator
     if args.measure == "memory":
         before, heap = _rss_kib(), _heap_in_use()
         optimizer.zero_grad(set_to_none=True)
@@ -189,6 +198,8 @@ def run_worker(code: str, model: str, data: str, batch: int, overrides: list[str
     command = [sys.executable, __file__, "--worker", "--code", code, "--model", model, "--data", data]
     command += ["--batch", str(batch), "--steps", str(args.steps), "--threads", str(args.threads)]
     command += ["--measure", measure, *[f"--override={o}" for o in overrides]]
+    if args.default_allocator:
+        command.append("--default-allocator")
     command += ["--compile"] if args.compile else []
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -242,6 +253,7 @@ def speed(args, codes: dict[str, str]) -> None:
                             "compiled",
                             "saved_mb_per_image",
                             "cuda_peak_mb_per_image",
+                            "allocator",
                         )
                         if k in r
                     },
@@ -317,6 +329,11 @@ def main():
     )
     add_width_options(parser, hidden_default="config's")
     # Internal: one case in a fresh process.
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's allocator at its defaults (train.py reuse_freed_memory=false)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -34,6 +34,7 @@ def train_cfg(out, *overrides):
         ("final_samples=-1", r"final_samples must be an integer in \[0, 1024\]"),
         ("final_samples=many", r"final_samples must be an integer"),
         ("seed=abc", r"seed must be an integer"),
+        ("reuse_freed_memory=1", r"reuse_freed_memory must be true or false, got 1"),
     ],
 )
 def test_bad_training_settings_fail_before_anything_runs(tmp_path, override, message):
