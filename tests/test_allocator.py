@@ -1,4 +1,4 @@
-"""``reuse_freed_memory``: glibc keeps a step's freed blocks, so the next step takes no page faults for them."""
+"""``reuse_freed_memory``: glibc keeps freed blocks, so the next step does not fault them in again."""
 
 import platform
 import subprocess

@@ -43,7 +43,9 @@ def reuse_freed_memory() -> str:
         return "not glibc: the C allocator's settings are left as they are"
     try:
         libc = ctypes.CDLL("libc.so.6")
-        done = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        done = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(
+            M_TRIM_THRESHOLD, TRIM_THRESHOLD
+        )
     except (OSError, AttributeError):
         done = 0
     if not done:
