@@ -10,37 +10,41 @@ from pixel_models.training import allocator
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# Ten "steps" that each allocate, touch and free 8 MiB tensors (the size of a step's largest activations
-# here), counting the minor page faults of the last eight.
+# Eight "steps" that each allocate, touch and free two 40 MiB tensors (a step of the paper's CIFAR-10
+# networks frees blocks of ~100 MiB), counting the minor page faults of each of the last six. Blocks
+# above 32 MiB are mapped afresh on every allocation with glibc's defaults, whatever ran before; smaller
+# ones only sometimes, depending on the process's history (glibc adapts its thresholds to what was freed).
 STEPS = """
 import resource, sys, torch
 from pixel_models.training.allocator import reuse_freed_memory
 if sys.argv[1] == "reuse":
     print(reuse_freed_memory(), file=sys.stderr)
 def step():
-    blocks = [torch.ones(2 << 20) for _ in range(4)]
+    blocks = [torch.ones(10 << 20) for _ in range(2)]
     return sum(float(b[-1]) for b in blocks)
 step(); step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
-def page_faults(mode: str, env: dict | None = None) -> int:
-    run = subprocess.run(
-        [sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True, env=env
-    )
-    return int(run.stdout.strip().splitlines()[-1])
+def page_faults(mode: str) -> list[int]:
+    """The minor page faults of each measured step."""
+    run = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True)
+    return [int(n) for n in run.stdout.split()]
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     default, reused = page_faults("default"), page_faults("reuse")
-    # 8 steps x 32 MiB touched: ~65,000 faults of 4 KiB pages when every block is mapped afresh.
-    assert default > 10_000, default
-    assert reused < default / 10, (default, reused)
+    # 80 MiB touched per step: ~20,000 faults of 4 KiB pages when its blocks are mapped afresh.
+    assert all(n > 15_000 for n in default), default
+    # Reused: none, except where the heap had to grow somewhere new once (seen: one step's worth, once).
+    assert sum(n < 200 for n in reused) >= 5, reused
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
