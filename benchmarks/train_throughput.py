@@ -328,12 +328,12 @@ def main():
         "--compile", action="store_true", help="torch.compile every network, as compile=true (slow to start)"
     )
     add_width_options(parser, hidden_default="config's")
-    # Internal: one case in a fresh process.
     parser.add_argument(
         "--default-allocator",
         action="store_true",
         help="leave glibc's allocator at its defaults (train.py reuse_freed_memory=false)",
     )
+    # Internal: one case in a fresh process.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

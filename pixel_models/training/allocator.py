@@ -3,12 +3,12 @@
 PyTorch's CPU tensors come from the C allocator (``malloc``). With glibc's defaults, the large
 activations of a training step are returned to the operating system when freed (the top of the heap is
 trimmed, the largest blocks are unmapped), so the next step takes them back page by page: thousands of
-page faults per step on this project's MNIST networks, time the kernel spends zeroing pages (about 10%
-of a CPU training step; ``benchmarks/train_throughput.py`` measures it). Raising glibc's mmap and trim
-thresholds keeps that memory in the heap for the next step. This is what PyTorch's CPU tuning guides get
-from replacing the allocator (jemalloc, tcmalloc); here it is two ``mallopt`` calls and no new
-dependency. The cost: the process holds on to its peak memory until it exits instead of handing part of
-it back between steps.
+page faults per step on this project's MNIST networks, time the kernel spends zeroing pages (3-30% of a
+CPU training step, most at K=256; ``benchmarks/train_throughput.py`` measures it). Raising glibc's mmap
+and trim thresholds keeps that memory in the heap for the next step. This is what PyTorch's CPU tuning
+guides get from replacing the allocator (jemalloc, tcmalloc); here it is two ``mallopt`` calls and no
+new dependency. The cost: the process holds on to its peak memory until it exits instead of handing part
+of it back between steps.
 
 ``train.py`` calls ``reuse_freed_memory()`` at start-up unless ``reuse_freed_memory=false``. It does
 nothing (and says so) where the C library is not glibc, and where the user has already tuned glibc's
