@@ -95,10 +95,6 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
     compute, or None for all; the others keep zero state (the caller guarantees they would), and are
     left unset in the buffers returned, except where a step reads them (zero).
 
-    tanh runs as 2 sigmoid(2x) - 1 (the same function; within 2e-7 of torch.tanh in float32): torch's CPU
-    tanh costs six times its sigmoid per element, and these two tanh were a third of a step. The
-    candidate gate's factor 2 is put on its input and tap weights once, so one sigmoid covers all four
-    gates of a step.
     """
     num_dirs, four_h, steps, cells = gates.shape
     h = four_h // 4
@@ -114,24 +110,18 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
     for t, start, stop in _first_reads(active, cells, [0]):
         cell[:, :, t, start:stop].zero_()
     tanh_cell = gates.new_empty(num_dirs, h, steps, cells)
-    gates[:, 3 * h :].mul_(2)
-    doubled = [w.clone() for w in weights]
-    for w in doubled:
-        w[:, 3 * h :].mul_(2)
     # Views made once, not per step: per step they would cost more than the arithmetic at small h.
     flat, product = _step_operations(num_dirs)
     gates_at = [flat(step) for step in gates.unbind(2)]
-    candidate_at = [step[..., 3 * h :, :] for step in gates_at]
+    sigmoid_at = [step[..., : 3 * h, :] for step in gates_at]
     chunks_at = [step.split(h, -2) for step in gates_at]
     cell_at = [flat(c) for c in cell.unbind(2)]
     tanh_at = [flat(c) for c in tanh_cell.unbind(2)]
     out_at = [flat(o) for o in hidden[:, :, 1:, first : first + cells].unbind(2)]
     taps_at = [
         (flat(w), [flat(x) for x in hidden[:, :, :, o * batch : o * batch + cells].unbind(2)])
-        for w, o in zip(doubled, offsets, strict=True)
+        for w, o in zip(weights, offsets, strict=True)
     ]
-    # x -> 2 x - 1 as one addcmul (-1 + x * 2) with these 0-dim operands, not a multiply and a subtraction
-    minus_one, two = gates.new_full((), -1.0), gates.new_full((), 2.0)
     cells_at, cut = _cutter(active, steps, cells)
     for t in range(steps):
         a, b = cells_at[t]
@@ -139,16 +129,14 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
         if t > 0:
             for weight, above in taps_at:
                 product(step, weight, cut(above[t], a, b))
-        step.sigmoid_()
-        g = cut(candidate_at[t], a, b)
-        torch.addcmul(minus_one, g, two, out=g)
-        i, f, o, _ = (cut(chunk, a, b) for chunk in chunks_at[t])
+        cut(sigmoid_at[t], a, b).sigmoid_()
+        i, f, o, g = (cut(chunk, a, b) for chunk in chunks_at[t])
+        g.tanh_()
         c = cut(cell_at[t + 1], a, b)
         tc = cut(tanh_at[t], a, b)
         torch.mul(f, cut(cell_at[t], a, b), out=c)
         c.addcmul_(i, g)
-        torch.mul(c, 2, out=tc).sigmoid_()
-        torch.addcmul(minus_one, tc, two, out=tc)
+        torch.tanh(c, out=tc)
         torch.mul(o, tc, out=cut(out_at[t], a, b))
     return hidden, cell, tanh_cell
 
@@ -195,9 +183,16 @@ def run_backward(
     cells only) and of each tap's weight (None with ``weight_grads=False``, which ``active`` requires: off
     the active cells the hidden buffer is unset, so the caller computes them over its own cells).
 
-    Every factor that does not depend on the incoming gradient (the gates' local derivatives) is computed
-    for all steps at once before the loop (``local_derivatives``), so a step is its tap products and five
-    elementwise operations.
+    With gates [i, f, o, g] after their nonlinearities, c_t = f c_{t-1} + i g and h_t = o tanh(c_t), a
+    step turns dL/dh_t (dh) and dL/dc_t from step t + 1 (carry) into
+
+        dc = carry + dh o (1 - tanh(c_t)^2)
+        d(pre-activation) of i: dc g i (1 - i),   f: dc c_{t-1} f (1 - f),   g: dc i (1 - g^2),
+                             o: dh tanh(c_t) o (1 - o)
+
+    and passes dc f on as the next carry. The gates' local derivatives are computed in the loop, on the
+    step's cells while they are in cache: as one pass over all steps before the loop (the gates of every
+    step, several times the cache) they took longer than the loop's extra operations.
     """
     num_dirs, four_h, steps, cells = gates.shape
     h = four_h // 4
@@ -207,7 +202,6 @@ def run_backward(
             "with active cells the hidden buffer is unset off them: compute weight grads outside"
         )
     grad_gates = torch.empty_like(gates)
-    factors, cell_from_h = local_derivatives(gates, cell, tanh_cell)
     flat, product = _step_operations(num_dirs)
     dh_at = [flat(x) for x in grad_h[:, :, :, first : first + cells].unbind(2)]
     taps_at = [
@@ -215,18 +209,19 @@ def run_backward(
         for w, o in zip(weights, offsets, strict=True)
     ]
     grad_at = [flat(x) for x in grad_gates.unbind(2)]
-    # (2, h, N) per step (D in front with several directions): the input and forget gates, both driven by
-    # dL/dc
+    sigmoids_at = [flat(x) for x in gates[:, : 3 * h].unbind(2)]
+    grad_sigmoids_at = [flat(x) for x in grad_gates[:, : 3 * h].unbind(2)]
+    chunks_at = [flat(x).split(h, -2) for x in gates.unbind(2)]
+    grad_chunks_at = [flat(x).split(h, -2) for x in grad_gates.unbind(2)]
+    # (2, h, N) per step (D in front with several directions): the input and forget gates' gradients,
+    # both driven by dL/dc
     grad_if_at = [flat(x) for x in grad_gates[:, : 2 * h].unflatten(1, (2, h)).unbind(3)]
-    grad_o_at = [flat(x) for x in grad_gates[:, 2 * h : 3 * h].unbind(2)]
-    grad_g_at = [flat(x) for x in grad_gates[:, 3 * h :].unbind(2)]
-    factor_if_at = [flat(x) for x in factors[:, : 2 * h].unflatten(1, (2, h)).unbind(3)]
-    factor_o_at = [flat(x) for x in factors[:, 2 * h : 3 * h].unbind(2)]
-    factor_g_at = [flat(x) for x in factors[:, 3 * h :].unbind(2)]
-    cell_from_h_at = [flat(x) for x in cell_from_h.unbind(2)]
-    forget_at = [flat(x) for x in gates[:, h : 2 * h].unbind(2)]
+    cell_at = [flat(x) for x in cell.unbind(2)]
+    tanh_at = [flat(x) for x in tanh_cell.unbind(2)]
+    one = gates.new_ones(())
     grad_c = flat(gates.new_empty(num_dirs, h, cells))
     grad_c_pair = grad_c[..., None, :, :]
+    cell_from_h = flat(gates.new_empty(num_dirs, h, cells))  # dc_t/dh_t's factor o (1 - tanh(c_t)^2)
     carry = flat(gates.new_zeros(num_dirs, h, cells))  # dL/dc_t from step t + 1: dc_{t+1} . f_{t+1}
     cells_at, cut = _cutter(active, steps, cells)
     for t in reversed(range(steps)):
@@ -236,13 +231,24 @@ def run_backward(
             upstream = cut(grad_at[t + 1], a1, b1)
             for weight_t, below in taps_at:
                 product(cut(below[t], a1, b1), weight_t, upstream)
+        i, f, o, g = (cut(x, a, b) for x in chunks_at[t])
+        grad_i, grad_f, grad_o, grad_g = (cut(x, a, b) for x in grad_chunks_at[t])
+        sigmoids = cut(sigmoids_at[t], a, b)
+        torch.addcmul(sigmoids, sigmoids, sigmoids, value=-1, out=cut(grad_sigmoids_at[t], a, b))  # s (1 - s)
+        torch.addcmul(one, g, g, value=-1, out=grad_g).mul_(i)
+        grad_i.mul_(g)
+        grad_f.mul_(cut(cell_at[t], a, b))
+        tc = cut(tanh_at[t], a, b)
+        grad_o.mul_(tc)
+        from_h = cut(cell_from_h, a, b)
+        torch.addcmul(one, tc, tc, value=-1, out=from_h).mul_(o)
         dh = cut(dh_at[t], a, b)
         dc, after = cut(grad_c, a, b), cut(carry, a, b)
-        torch.addcmul(after, dh, cut(cell_from_h_at[t], a, b), out=dc)
-        torch.mul(cut(factor_if_at[t], a, b), cut(grad_c_pair, a, b), out=cut(grad_if_at[t], a, b))
-        torch.mul(cut(factor_o_at[t], a, b), dh, out=cut(grad_o_at[t], a, b))
-        torch.mul(cut(factor_g_at[t], a, b), dc, out=cut(grad_g_at[t], a, b))
-        torch.mul(dc, cut(forget_at[t], a, b), out=after)
+        torch.addcmul(after, dh, from_h, out=dc)
+        grad_o.mul_(dh)
+        cut(grad_if_at[t], a, b).mul_(cut(grad_c_pair, a, b))
+        grad_g.mul_(dc)
+        torch.mul(dc, f, out=after)
     if not weight_grads:
         return grad_gates, None
     # State-to-state weights: every step's gate gradient against the hidden line it read, at once.
@@ -253,29 +259,6 @@ def run_backward(
         read = hidden[:, :, :steps, start : start + cells].reshape(num_dirs, h, steps * cells)
         weight_grads.append(torch.bmm(flat_grad, read.transpose(1, 2)))
     return grad_gates, weight_grads
-
-
-def local_derivatives(gates, cell, tanh_cell) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors backward-through-time multiplies the incoming gradients by, for every step at once.
-
-    With gates [i, f, o, g] after their nonlinearities, c_t = f c_{t-1} + i g and h_t = o tanh(c_t):
-    ``factors`` (D, 4h, T, N) holds d(pre-activation) per unit of dL/dc for i (g i (1 - i)), f
-    (c_{t-1} f (1 - f)) and g (i (1 - g^2)), and per unit of dL/dh for o (tanh(c_t) o (1 - o));
-    ``cell_from_h`` (D, h, T, N) is dc_t/dh_t's factor o (1 - tanh(c_t)^2).
-    """
-    h = gates.shape[1] // 4
-    i, f, o, g = gates.split(h, 1)
-    one = gates.new_ones(())
-    factors = torch.empty_like(gates)
-    sigmoids = gates[:, : 3 * h]
-    torch.addcmul(sigmoids, sigmoids, sigmoids, value=-1, out=factors[:, : 3 * h])  # s (1 - s)
-    factor_i, factor_f, factor_o, factor_g = factors.split(h, 1)
-    factor_i.mul_(g)
-    factor_f.mul_(cell[:, :, :-1])
-    factor_o.mul_(tanh_cell)
-    torch.addcmul(one, g, g, value=-1, out=factor_g).mul_(i)
-    cell_from_h = torch.addcmul(one, tanh_cell, tanh_cell, value=-1).mul_(o)
-    return factors, cell_from_h
 
 
 # torch.compile runs the three entry points below eagerly, as calls between compiled pieces: tracing
