@@ -32,6 +32,7 @@ from pixel_models.cli import check_overrides, user_errors
 from pixel_models.evaluation.bits_map import bits_map_image
 from pixel_models.evaluation.extremes import extremes_grid
 from pixel_models.evaluation.split_nll import evaluate_split
+from pixel_models.training.allocator import reuse_freed_memory
 from pixel_models.training.checkpoint import (
     CheckpointError,
     check_data_matches,
@@ -44,6 +45,8 @@ log = logging.getLogger("evaluate")
 
 
 def check_settings(cfg: DictConfig) -> None:
+    if type(cfg.reuse_freed_memory) is not bool:
+        raise ValueError(f"reuse_freed_memory must be true or false, got {cfg.reuse_freed_memory!r}")
     if cfg.split not in SPLIT_STAGES:
         raise ValueError(f"unknown split {cfg.split!r}; choose train, val or test")
     if not isinstance(cfg.num_extremes, int) or isinstance(cfg.num_extremes, bool) or cfg.num_extremes < 0:
@@ -57,6 +60,8 @@ def evaluate(cfg: DictConfig) -> dict:
     check_settings(cfg)
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(cfg.ckpt_path)  # weights_only=True
+    if cfg.reuse_freed_memory:  # every batch's activations would otherwise be faulted in afresh
+        log.info(f"memory: {reuse_freed_memory()}")
     if not ckpt.get("data_config") or not isinstance(ckpt["data_config"], dict):
         raise CheckpointError(
             f"{cfg.ckpt_path} holds no data_config (not written by train.py): its dataset is unknown"

@@ -35,6 +35,7 @@ from torchvision.utils import make_grid, save_image
 
 from pixel_models.cli import check_overrides, user_errors
 from pixel_models.sampling.generate import check_method, class_rows, generate, levels_grid, uniform_noise
+from pixel_models.training.allocator import reuse_freed_memory
 from pixel_models.training.checkpoint import (
     CheckpointError,
     data_module_from_checkpoint,
@@ -84,6 +85,8 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.mode not in MODES:
         raise ValueError(f"unknown mode {cfg.mode!r}; choose generate or complete")
     check_method(cfg.method)
+    if type(cfg.reuse_freed_memory) is not bool:
+        raise ValueError(f"reuse_freed_memory must be true or false, got {cfg.reuse_freed_memory!r}")
     for key in ("batch_size", "num_samples", "num_images", "completions_per_image"):
         if type(cfg[key]) is not int or not 1 <= cfg[key] <= 1_000_000:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
@@ -268,6 +271,8 @@ def sample(cfg: DictConfig) -> torch.Tensor:
     check_settings(cfg)
     device = pick_device(cfg.device)
     module = module_from_checkpoint(load_checkpoint(cfg.ckpt_path), cfg.ckpt_path).eval()
+    if cfg.reuse_freed_memory:  # naive sampling's network passes would otherwise fault memory in afresh
+        log.info(f"memory: {reuse_freed_memory()}")
     label = check_label(cfg.get("label"), module, cfg.mode)
     net = module.net.to(device)
     size, channels, num_levels = module.image_size, module.num_channels, module.num_levels

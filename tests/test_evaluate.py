@@ -185,6 +185,8 @@ def test_evaluate_bad_settings_are_refused_before_any_work(tmp_path):
         evaluate_in_process(out, f"ckpt_path={ckpt}", "split=training")
     with pytest.raises(ValueError, match="num_extremes"):
         evaluate_in_process(out, f"ckpt_path={ckpt}", "num_extremes=-1")
+    with pytest.raises(ValueError, match="reuse_freed_memory must be true or false, got 1"):
+        evaluate_in_process(out, f"ckpt_path={ckpt}", "reuse_freed_memory=1")
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         evaluate_in_process(out, f"ckpt_path={tmp_path / 'nope.ckpt'}")
     bad = tmp_path / "bad.ckpt"

@@ -86,6 +86,7 @@ def bad_sample_settings(tmp_path):
         (f"save_levels={tmp_path / 'a_file' / 'levels.pt'}", "a_file is a file, not a folder"),
         ("mode=complete image=missing.png", "image file not found: missing.png"),
         ("mode=complete split=holdout", "unknown split 'holdout'"),
+        ("reuse_freed_memory=maybe", "reuse_freed_memory must be true or false, got 'maybe'"),
     ]
     if not torch.cuda.is_available():
         cases.append(("device=cuda", "device=cuda, but no CUDA GPU is available here"))

@@ -10,7 +10,9 @@ guides get from replacing the allocator (jemalloc, tcmalloc); here it is two ``m
 new dependency. The cost: the process holds on to its peak memory until it exits instead of handing part
 of it back between steps.
 
-``train.py`` calls ``reuse_freed_memory()`` at start-up unless ``reuse_freed_memory=false``. It does
+``train.py`` calls ``reuse_freed_memory()`` at start-up unless ``reuse_freed_memory=false``, and
+``evaluate.py`` and ``sample.py`` once their settings and the checkpoint are checked (inference frees
+each batch's activations too). It does
 nothing (and says so) where the C library is not glibc, and where the user has already tuned glibc's
 allocator through its environment variables (those win) or preloads another allocator.
 """
