@@ -94,7 +94,6 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
     (D, h, T, N), everything ``run_backward`` needs. ``active``: per step the (start, stop) cells to
     compute, or None for all; the others keep zero state (the caller guarantees they would), and are
     left unset in the buffers returned, except where a step reads them (zero).
-
     """
     num_dirs, four_h, steps, cells = gates.shape
     h = four_h // 4
