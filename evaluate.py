@@ -60,8 +60,6 @@ def evaluate(cfg: DictConfig) -> dict:
     check_settings(cfg)
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(cfg.ckpt_path)  # weights_only=True
-    if cfg.reuse_freed_memory:  # every batch's activations would otherwise be faulted in afresh
-        log.info(f"memory: {reuse_freed_memory()}")
     if not ckpt.get("data_config") or not isinstance(ckpt["data_config"], dict):
         raise CheckpointError(
             f"{cfg.ckpt_path} holds no data_config (not written by train.py): its dataset is unknown"
@@ -70,6 +68,8 @@ def evaluate(cfg: DictConfig) -> dict:
     overrides = {"batch_size": cfg.batch_size} if cfg.batch_size is not None else {}
     datamodule = checkpoint_datamodule(ckpt, cfg.ckpt_path, cfg.split, cfg.data_dir, **overrides)
     check_data_matches(module, datamodule, ckpt)
+    if cfg.reuse_freed_memory:  # every batch's activations would otherwise be faulted in afresh
+        log.info(f"memory: {reuse_freed_memory()}")
     images = datamodule.splits[cfg.split]
     loader = {
         "train": datamodule.train_dataloader,

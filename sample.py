@@ -271,9 +271,9 @@ def sample(cfg: DictConfig) -> torch.Tensor:
     check_settings(cfg)
     device = pick_device(cfg.device)
     module = module_from_checkpoint(load_checkpoint(cfg.ckpt_path), cfg.ckpt_path).eval()
+    label = check_label(cfg.get("label"), module, cfg.mode)
     if cfg.reuse_freed_memory:  # naive sampling's network passes would otherwise fault memory in afresh
         log.info(f"memory: {reuse_freed_memory()}")
-    label = check_label(cfg.get("label"), module, cfg.mode)
     net = module.net.to(device)
     size, channels, num_levels = module.image_size, module.num_channels, module.num_levels
     output = Path(cfg.output)
