@@ -13,6 +13,7 @@ from pixel_models.architectures import build_network
 from pixel_models.architectures.diagonal_bilstm import DiagonalBiLSTMLayer
 from pixel_models.architectures.pixelcnn import ResidualBlock
 from pixel_models.architectures.row_lstm import RowLSTMLayer
+from pixel_models.blocks import recurrence
 from pixel_models.blocks.layers import FirstLayer
 from pixel_models.blocks.masks import MaskedConv2d
 
@@ -134,17 +135,38 @@ def test_residual_block_equals_reference():
     assert_same_function(block, reference, torch.randn(2, 12, 6, 5))
 
 
+@pytest.fixture(params=["torch.tanh", "2 sigmoid(2x) - 1"])
+def tanh_form(request, monkeypatch):
+    """Each of the recurrences' two ways to compute tanh, whichever this machine would pick."""
+    by_sigmoid = request.param != "torch.tanh"
+    monkeypatch.setattr(recurrence, "tanh_through_sigmoid", lambda like: by_sigmoid)
+    return request.param
+
+
+def test_tanh_form_is_chosen_by_measuring_both_on_the_cpu_only():
+    def slow_tanh(x, out):  # four times the work of a tanh
+        for _ in range(4):
+            torch.tanh(x, out=out)
+
+    measure = recurrence._cpu_tanh_is_slow.__wrapped__
+    assert measure(torch.float32, tanh=slow_tanh, sigmoid=torch.tanh) is True
+    assert measure(torch.float32, tanh=torch.tanh, sigmoid=slow_tanh) is False
+    assert recurrence.tanh_through_sigmoid(torch.empty(2, device="meta")) is False  # off the CPU: never
+    choice = recurrence.tanh_through_sigmoid(torch.empty(2))
+    assert choice in (True, False) and recurrence.tanh_through_sigmoid(torch.empty(3)) is choice
+
+
 @pytest.mark.parametrize("num_colors", [1, 3])
 @pytest.mark.parametrize("kernel_size", [3, 5])
 @pytest.mark.parametrize("size", [(5, 7), (1, 4), (6, 1), (3, 3)])
-def test_row_lstm_layer_equals_plain_loop(num_colors, kernel_size, size):
+def test_row_lstm_layer_equals_plain_loop(tanh_form, num_colors, kernel_size, size):
     layer = RowLSTMLayer(6, num_colors, kernel_size)
     assert_same_function(layer, reference_row_lstm, torch.randn(3, 12, *size))
 
 
 @pytest.mark.parametrize("num_colors", [1, 3])
 @pytest.mark.parametrize("size", [(5, 7), (7, 4), (1, 1), (1, 5), (6, 1), (4, 4)])
-def test_diagonal_bilstm_layer_equals_plain_loop(num_colors, size):
+def test_diagonal_bilstm_layer_equals_plain_loop(tanh_form, num_colors, size):
     layer = DiagonalBiLSTMLayer(6, num_colors)
     assert_same_function(
         layer, reference_diagonal_bilstm, torch.randn(3, 12, *size), torch.rand(3, num_colors, *size)
@@ -172,7 +194,7 @@ def nan_filled_new_memory(monkeypatch):
 
 
 @pytest.mark.parametrize("num_colors", [1, 3])
-def test_recurrent_layers_never_read_memory_they_did_not_write(nan_filled_new_memory, num_colors):
+def test_recurrent_layers_never_read_memory_they_did_not_write(tanh_form, nan_filled_new_memory, num_colors):
     assert torch.empty(2).isnan().all() and torch.zeros(1).new_empty(2).isnan().all()
     row = RowLSTMLayer(6, num_colors, 3)
     assert_same_function(row, reference_row_lstm, torch.randn(3, 12, 5, 7))
@@ -209,7 +231,7 @@ def test_checkpoint_recurrence_gives_equal_gradients(arch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_recurrence_runs_in_float32_and_under_no_grad():
+def test_recurrence_runs_in_float32_and_under_no_grad(tanh_form):
     layer = DiagonalBiLSTMLayer(4, 1)
     x, image = torch.randn(2, 8, 4, 5), torch.rand(2, 1, 4, 5)
     with torch.no_grad():
