@@ -20,7 +20,8 @@ and ``gflop_per_s`` (per CPU second), and the ``flop_ratio`` lines give the rati
 have at equal speed per FLOP. ``--compile`` times ``net.compile()``d networks, as ``compile=true``
 (compiling takes a minute per case). Every speed case also reports ``saved_mb_per_image``, what
 autograd keeps for the backward pass per image (every tensor saved by a forward op, counted once per
-storage), the same on any device; on a GPU, ``cuda_peak_mb_per_image`` is the allocator's peak.
+storage), the same on any device; on a GPU, ``cuda_peak_mb_per_image`` is the allocator's peak;
+``recurrence_tanh``, how the code under test computes the recurrences' tanh on this machine.
 `--memory`: peak training memory per image of the
 paper's CIFAR-10 networks (12 layers, h=128, 1024 output maps; PixelCNN 15 layers) at 32x32x3,
 with and without `checkpoint_recurrence`, at batch 2 minus batch 1 (weights, gradients and Adam state,
@@ -122,7 +123,18 @@ def worker(args) -> None:
         result |= {"hidden": net.get("hidden"), "layers": net.get("num_layers")}
         result["net"] = {k: v for k, v in net.items() if k != "arch"}
         result["output"] = module.hparams.output["name"]
+        result["recurrence_tanh"] = _recurrence_tanh(torch)
     print(json.dumps(result), flush=True)
+
+
+def _recurrence_tanh(torch) -> str | None:
+    """How the code under test computes the recurrences' tanh on this machine (it measures which is
+    faster; see ``blocks.recurrence.tanh_through_sigmoid``), or None where it has no such choice."""
+    try:
+        from pixel_models.blocks.recurrence import tanh_through_sigmoid
+    except ImportError:
+        return None
+    return "2 sigmoid(2x) - 1" if tanh_through_sigmoid(torch.empty(1)) else "torch.tanh"
 
 
 def training_step_flops(module, levels) -> int:
