@@ -140,10 +140,12 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
     for t, start, stop in _first_reads(active, cells, [0]):
         cell[:, :, t, start:stop].zero_()
     tanh_cell = gates.new_empty(num_dirs, h, steps, cells)
+    by_sigmoid = tanh_through_sigmoid(gates)
     # Views made once, not per step: per step they would cost more than the arithmetic at small h.
     flat, product = _step_operations(num_dirs)
     gates_at = [flat(step) for step in gates.unbind(2)]
-    sigmoid_at = [step[..., : 3 * h, :] for step in gates_at]
+    # i, f and o per step: only torch.tanh's form needs them (the sigmoid form takes the whole step)
+    sigmoid_at = [] if by_sigmoid else [step[..., : 3 * h, :] for step in gates_at]
     chunks_at = [step.split(h, -2) for step in gates_at]
     cell_at = [flat(c) for c in cell.unbind(2)]
     tanh_at = [flat(c) for c in tanh_cell.unbind(2)]
@@ -152,7 +154,6 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
         (flat(w), [flat(x) for x in hidden[:, :, :, o * batch : o * batch + cells].unbind(2)])
         for w, o in zip(weights, offsets, strict=True)
     ]
-    by_sigmoid = tanh_through_sigmoid(gates)
     # x -> 2 x - 1 as one addcmul (-1 + x * 2) with these 0-dim operands, not a multiply and a subtraction
     minus_one, two = gates.new_full((), -1.0), gates.new_full((), 2.0)
     cells_at, cut = _cutter(active, steps, cells)
