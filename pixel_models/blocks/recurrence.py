@@ -154,8 +154,9 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
         (flat(w), [flat(x) for x in hidden[:, :, :, o * batch : o * batch + cells].unbind(2)])
         for w, o in zip(weights, offsets, strict=True)
     ]
-    # x -> 2 x - 1 as one addcmul (-1 + x * 2) with these 0-dim operands, not a multiply and a subtraction
-    minus_one, two = gates.new_full((), -1.0), gates.new_full((), 2.0)
+    # x -> 2 x - 1 as one add (-1 + 2 x) with a 0-dim -1: on CPU a third of the time of a multiply and
+    # a subtraction, or of an addcmul with two 0-dim operands (a slow path)
+    minus_one = gates.new_full((), -1.0)
     cells_at, cut = _cutter(active, steps, cells)
     for t in range(steps):
         a, b = cells_at[t]
@@ -167,7 +168,7 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
         if by_sigmoid:  # one sigmoid for all four gates, the candidate's pre-activation doubled first
             g.mul_(2)
             step.sigmoid_()
-            torch.addcmul(minus_one, g, two, out=g)
+            torch.add(minus_one, g, alpha=2, out=g)
         else:
             cut(sigmoid_at[t], a, b).sigmoid_()
             g.tanh_()
@@ -177,7 +178,7 @@ def run_forward(gates, weights, offsets, pad, batch, active=None):
         c.addcmul_(i, g)
         if by_sigmoid:
             torch.mul(c, 2, out=tc).sigmoid_()
-            torch.addcmul(minus_one, tc, two, out=tc)
+            torch.add(minus_one, tc, alpha=2, out=tc)
         else:
             torch.tanh(c, out=tc)
         torch.mul(o, tc, out=cut(out_at[t], a, b))
