@@ -266,6 +266,7 @@ def speed(args, codes: dict[str, str]) -> None:
                             "saved_mb_per_image",
                             "cuda_peak_mb_per_image",
                             "allocator",
+                            "recurrence_tanh",
                         )
                         if k in r
                     },
