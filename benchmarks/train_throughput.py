@@ -10,6 +10,7 @@ inflates far less than wall-clock time.
     python benchmarks/train_throughput.py --baseline main       # and the code of a git revision,
                                                                 # alternated case by case in one run
     python benchmarks/train_throughput.py --memory              # + peak memory at CIFAR-10 sizes
+    python benchmarks/train_throughput.py --shapes mnist_28x28x1_k2 --models pixelcnn row_lstm   # some cases
 
 Shapes: binarized MNIST 28x28x1 K=2, and CIFAR-10 32x32x3 K=256 at the same reduced MNIST widths
 (--cifar-hidden / --cifar-output change them). PixelCNN++ runs at its own config
@@ -237,7 +238,8 @@ def emit(record: dict) -> None:
 
 
 def speed(args, codes: dict[str, str]) -> None:
-    for shape, data in SHAPES.items():
+    for shape in args.shapes:
+        data = SHAPES[shape]
         best: dict[tuple[str, str], dict] = {}
         for _ in range(args.rounds):  # alternate code versions and models, keep each case's fastest round
             for model in args.models:
@@ -330,6 +332,7 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest counts")

@@ -15,5 +15,8 @@ def test_a_v0_1_0_checkpoint_loads_and_gives_the_same_logits():
     expected = torch.load(DATA / "v0_1_0_pixelcnn_digits_logits.pt", weights_only=True)
     with torch.no_grad():
         logits = module(expected["input"])
-    assert torch.equal(logits, expected["logits"])
+    # The expected logits were computed on another CPU: float32 convolutions sum in a different order
+    # on different vector units (6e-8 apart on an AVX2 machine, logits up to 0.54), while a weight
+    # loaded wrongly moves them by orders of magnitude more.
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-6, atol=1e-6)
     assert module.distribution.name == "categorical" and not module.conditional
