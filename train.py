@@ -87,10 +87,36 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if type(cfg.seed) is not int:
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    check_accelerator(cfg.trainer.get("accelerator", "auto"))
     if cfg.train:
         settings = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k[0] != "_"}
         check_model_settings(settings, "model.")
         check_network_size(settings, "model.")
+
+
+# Lightning's accelerator names this project runs on ("gpu": CUDA, or Apple's MPS where that is all).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_accelerator(accelerator) -> None:
+    """``trainer.accelerator`` is one this project runs on and this machine has. Lightning finds out only
+    once the model and data are built, and then names neither the setting nor the fix."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(
+            f"trainer.accelerator={accelerator!r} is not supported; choose one of {', '.join(ACCELERATORS)} "
+            "(trainer=cpu|gpu|ddp|ddp_sim set it)"
+        )
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if (accelerator == "cuda" or accelerator == "gpu" and not mps) and not cuda:
+        raise ValueError(
+            f"trainer.accelerator={accelerator} (trainer=gpu and trainer=ddp set it) needs a CUDA GPU, "
+            "and torch sees none here; train on the CPU with trainer=cpu (trainer=ddp_sim: DDP over CPU "
+            "processes)"
+        )
+    if accelerator == "mps" and not mps:
+        raise ValueError(
+            "trainer.accelerator=mps needs Apple's MPS, which torch does not see here; use trainer=cpu"
+        )
 
 
 def refuse_conditional_without_labels(cfg: DictConfig) -> None:

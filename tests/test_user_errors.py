@@ -45,6 +45,48 @@ def test_bad_training_settings_fail_before_anything_runs(tmp_path, override, mes
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    "overrides, cuda, mps, message",
+    [
+        (
+            ["trainer=gpu"],
+            False,
+            False,
+            r"^trainer.accelerator=gpu \(trainer=gpu and trainer=ddp set it\) needs",
+        ),
+        (["trainer=ddp"], False, False, r"needs a CUDA GPU, .*; train on the CPU with trainer=cpu"),
+        (["trainer.accelerator=cuda"], False, True, r"^trainer.accelerator=cuda .* needs a CUDA GPU"),
+        (["trainer.accelerator=mps"], True, False, r"^trainer.accelerator=mps needs Apple's MPS"),
+        (["trainer.accelerator=tpu"], True, True, r"^trainer.accelerator='tpu' is not supported; choose one"),
+        (["trainer.accelerator=3"], True, True, r"^trainer.accelerator=3 is not supported"),
+    ],
+)
+def test_an_accelerator_this_machine_lacks_is_refused_before_anything_is_read(
+    tmp_path, monkeypatch, overrides, cuda, mps, message
+):
+    import train as train_script
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(train_script, "build", lambda *a, **k: pytest.fail("built before the check"))
+    # a checkpoint that does not exist: the accelerator is refused before the checkpoint is even read
+    cfg = train_cfg(tmp_path, *overrides, f"ckpt_path={tmp_path / 'missing.ckpt'}")
+    with pytest.raises(ValueError, match=message):
+        train_script.train(cfg)
+
+
+@pytest.mark.parametrize(
+    "accelerator, cuda, mps",
+    [("gpu", True, False), ("gpu", False, True), ("cuda", True, False), ("cpu", False, False)],
+)
+def test_an_accelerator_this_machine_has_passes_the_check(monkeypatch, accelerator, cuda, mps):
+    from train import check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    check_accelerator(accelerator)  # no error
+
+
 def test_a_network_too_big_to_build_is_refused_before_allocating(tmp_path):
     from train import train
 
