@@ -23,6 +23,7 @@ for every sub-pixel (the reference, H*W*C times slower to much slower). Both giv
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -77,6 +78,12 @@ def check_output_path(key: str, value, suffixes: tuple[str, ...]) -> Path:
         raise ValueError(f"{key}={value}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{key}={value}: folder {existing} is not writable")
+    # access() says yes to root everywhere, also where no file can be made (/proc, some mounts): try one
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(f"{key}={value}: cannot write in folder {existing} ({err.strerror})") from None
     return path
 
 

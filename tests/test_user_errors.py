@@ -132,6 +132,10 @@ def bad_sample_settings(tmp_path):
     ]
     if not torch.cuda.is_available():
         cases.append(("device=cuda", "device=cuda, but no CUDA GPU is available here"))
+    if Path("/proc/self").is_dir():  # a folder no file can be made in, whatever access() says (root)
+        cases.append(
+            ("output=/proc/grid.png", r"output=/proc/grid.png: (folder /proc is not writable|cannot write)")
+        )
     return cases
 
 
