@@ -12,9 +12,11 @@ import difflib
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pixel_models.training.checkpoint import CheckpointError
@@ -82,7 +84,7 @@ def override_error(conf_dir: Path, config_name: str, overrides: list[str]) -> st
             return compose(config_name=config_name, overrides=with_overrides, return_hydra_config=True)
 
     try:
-        composed(overrides)
+        cfg = composed(overrides)
     except MissingConfigException as err:
         group, _, option = (err.missing_cfg_file or "").rpartition("/")
         if not group or not err.options:
@@ -119,6 +121,25 @@ def override_error(conf_dir: Path, config_name: str, overrides: list[str]) -> st
         )
     except Exception:  # anything else: @hydra.main reports it as usual
         return None
+    return run_dir_error(OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir"))
+
+
+def run_dir_error(run_dir) -> str | None:
+    """Why the run directory ``hydra.run.dir`` (unresolved) could not be made, or None. Hydra makes it
+    before the script's own checks run, and fails with a traceback; the part before the first
+    interpolation is checked here: its nearest existing folder must take a new file."""
+    if not isinstance(run_dir, str):
+        return None
+    path = Path(run_dir.split("${", 1)[0] or ".")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    fix = "pass hydra.run.dir=<a folder you can write to>"
+    if not existing.is_dir():
+        return f"hydra.run.dir={run_dir}: {existing} is a file, not a folder; {fix}"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"hydra.run.dir={run_dir}: cannot write in folder {existing} ({err.strerror}); {fix}"
     return None
 
 

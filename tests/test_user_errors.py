@@ -227,6 +227,22 @@ def test_overrides_that_compose_are_left_to_hydra():
         assert override_error(ROOT / "conf", "train", overrides) is None
 
 
+def test_a_run_directory_that_cannot_be_made_is_one_line_before_hydra_makes_it(tmp_path):
+    from pixel_models.cli import override_error
+
+    (tmp_path / "a_file").write_text("")
+    message = override_error(ROOT / "conf", "train", [f"hydra.run.dir={tmp_path}/a_file/run"])
+    assert message == (
+        f"hydra.run.dir={tmp_path}/a_file/run: {tmp_path}/a_file is a file, not a folder; "
+        "pass hydra.run.dir=<a folder you can write to>"
+    )
+    if Path("/proc/self").is_dir():  # no file can be made there, even by root
+        message = override_error(ROOT / "conf", "evaluate", ["hydra.run.dir=/proc/run_${now:%H}"])
+        assert message.startswith("hydra.run.dir=/proc/run_${now:%H}: cannot write in folder /proc (")
+    # the default run directory, under a working directory that can be written
+    assert override_error(ROOT / "conf", "train", [f"hydra.run.dir={tmp_path}/new/run_${{now:%H}}"]) is None
+
+
 def test_train_py_refuses_an_unknown_key_in_one_line_before_starting(tmp_path):
     result = run_script(
         "train.py", "model.net.hiden=8", f"hydra.run.dir={tmp_path / 'run'}", timeout=180, check=False
