@@ -22,8 +22,6 @@ for every sub-pixel (the reference, H*W*C times slower to much slower). Both giv
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -34,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from rich.progress import Progress
 from torchvision.utils import make_grid, save_image
 
-from pixel_models.cli import check_overrides, user_errors
+from pixel_models.cli import check_overrides, unwritable_folder, user_errors
 from pixel_models.sampling.generate import check_method, class_rows, generate, levels_grid, uniform_noise
 from pixel_models.training.allocator import reuse_freed_memory
 from pixel_models.training.checkpoint import (
@@ -72,18 +70,9 @@ def check_output_path(key: str, value, suffixes: tuple[str, ...]) -> Path:
         raise ValueError(f"{key}={value} must end in {' or '.join(suffixes)}")
     if path.is_dir():
         raise ValueError(f"{key}={value} is a folder; give a file name")
-    folder = path.parent
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise ValueError(f"{key}={value}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}={value}: folder {existing} is not writable")
-    # access() says yes to root everywhere, also where no file can be made (/proc, some mounts): try one
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise ValueError(f"{key}={value}: cannot write in folder {existing} ({err.strerror})") from None
+    reason = unwritable_folder(path.parent)
+    if reason is not None:
+        raise ValueError(f"{key}={value}: {reason}")
     return path
 
 

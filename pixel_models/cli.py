@@ -130,16 +130,23 @@ def run_dir_error(run_dir) -> str | None:
     interpolation is checked here: its nearest existing folder must take a new file."""
     if not isinstance(run_dir, str):
         return None
-    path = Path(run_dir.split("${", 1)[0] or ".")
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    fix = "pass hydra.run.dir=<a folder you can write to>"
+    reason = unwritable_folder(Path(run_dir.split("${", 1)[0] or "."))
+    return reason and f"hydra.run.dir={run_dir}: {reason}; pass hydra.run.dir=<a folder you can write to>"
+
+
+def unwritable_folder(folder: Path) -> str | None:
+    """Why no file could be made in ``folder`` (made later with its parents where missing), or None:
+    its nearest existing ancestor must be a folder that takes a new file. A temporary file is made and
+    removed to find out, because access() says yes to root everywhere, also where no file can be made
+    (/proc, some mounts)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     if not existing.is_dir():
-        return f"hydra.run.dir={run_dir}: {existing} is a file, not a folder; {fix}"
+        return f"{existing} is a file, not a folder"
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        return f"hydra.run.dir={run_dir}: cannot write in folder {existing} ({err.strerror}); {fix}"
+        return f"cannot write in folder {existing} ({err.strerror})"
     return None
 
 
